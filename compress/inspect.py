@@ -1,0 +1,54 @@
+"""``python -m compress.inspect CHECKPOINT``: what a checkpoint holds and what it costs.
+
+Prints the architecture read from the checkpoint, the parameter count, the tokens kept at each
+pruning stage and the analytic MACs at the chosen keep ratio against the dense backbone.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from compress.checkpoint import LoadedCheckpoint, load_dynamicvit
+from compress.cli import run_cli
+from compress.complexity import analytic_macs, vit_shape
+from compress.dynamicvit import create_dynamicvit
+from compress.token_select import TIE_RULE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m compress.inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", nargs="?", default=None, help="reference .pth ({'model': ...}), this project's checkpoint, "
+                        "a plain state dict or a timm/DeiT backbone (.pth/.safetensors) "
+                        "(default: none; --model with random weights, labelled as such)")
+    parser.add_argument("--model", "-m", default=None,
+                        help="architecture name when the checkpoint cannot tell it (default: read from the checkpoint)")
+    parser.add_argument("--keep", "-k", type=float, default=None,
+                        help="keep ratio rho (default: the checkpoint's training keep ratio)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.checkpoint is None:
+        model = create_dynamicvit(args.model or "dynamicvit_deit_small", keep_ratio=args.keep or 0.7)
+        loaded = LoadedCheckpoint(model, ["no checkpoint given: random weights (architecture only)"])
+    else:
+        loaded = load_dynamicvit(args.checkpoint, model_name=args.model, keep_ratio=args.keep)
+    model = loaded.model
+    shape = vit_shape(model)
+    pruned, dense = analytic_macs(shape, model.keep_ratio), analytic_macs(shape, 1.0)
+    print(f"checkpoint   {args.checkpoint or '(none: random weights)'}")
+    print(f"backbone     {model.config.backbone} {model.config.backbone_kwargs or ''}".rstrip())
+    print(f"parameters   {sum(p.numel() for p in model.parameters()):,}")
+    print(f"stages       before blocks {list(model.config.pruning_locations)}")
+    print(f"keep ratio   {model.keep_ratio}: patch tokens {shape.num_patches} -> {model.stage_keep_counts()}")
+    print(f"MACs         {pruned / 1e9:.3f} G vs dense {dense / 1e9:.3f} G (ratio {pruned / dense:.3f})")
+    print(f"tie rule     {TIE_RULE}")
+    for note in loaded.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
