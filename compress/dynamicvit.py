@@ -119,14 +119,22 @@ def gumbel_keep_decision(log_probs: torch.Tensor, previous_decision: torch.Tenso
     return F.gumbel_softmax(log_probs, hard=True)[..., 0] * previous_decision
 
 
-def attention_forward_masked(attn: nn.Module, x: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
-    """A timm ``Attention`` run with DynamicViT's attention masking. x: [B, T, C]; decision: [B, T]."""
+def attention_forward(attn: nn.Module, x: torch.Tensor, decision: torch.Tensor | None = None) -> torch.Tensor:
+    """A timm ``Attention`` with the softmax in float32: masked by ``decision`` [B, T] (training) or plain.
+
+    x: [B, T, C]. Used by the training forward (dropped tokens stay, attention masking) and by the
+    export, where a float16 graph must still normalise attention in float32.
+    """
     batch, tokens, _ = x.shape
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = attn.attn_drop(masked_attention_softmax((q * attn.scale) @ k.transpose(-2, -1), decision))
-    out = (weights @ v).transpose(1, 2).reshape(batch, tokens, -1)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
+    if decision is None:
+        weights = logits.float().softmax(dim=-1).to(logits.dtype)
+    else:
+        weights = masked_attention_softmax(logits, decision)
+    out = (attn.attn_drop(weights) @ v).transpose(1, 2).reshape(batch, tokens, -1)
     out = getattr(attn, "norm", nn.Identity())(out)
     gate = getattr(attn, "gate", None)
     if gate is not None:
@@ -134,9 +142,9 @@ def attention_forward_masked(attn: nn.Module, x: torch.Tensor, decision: torch.T
     return attn.proj_drop(attn.proj(out))
 
 
-def block_forward_masked(block: nn.Module, x: torch.Tensor, decision: torch.Tensor) -> torch.Tensor:
-    """A timm ``Block`` whose attention sees only the kept tokens (dropped ones stay in the sequence)."""
-    x = x + block.drop_path1(block.ls1(attention_forward_masked(block.attn, block.norm1(x), decision)))
+def block_forward(block: nn.Module, x: torch.Tensor, decision: torch.Tensor | None = None) -> torch.Tensor:
+    """A timm ``Block`` through ``attention_forward`` (with ``decision``: dropped tokens stay, masked)."""
+    x = x + block.drop_path1(block.ls1(attention_forward(block.attn, block.norm1(x), decision)))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
@@ -260,7 +268,7 @@ class DynamicViT(nn.Module):
                 log_probs = stages[index](tokens[:, 1:], patch_decision)
                 patch_decision = decide(log_probs, patch_decision, len(stage_decisions))
                 stage_decisions.append(patch_decision)
-            tokens = block_forward_masked(block, tokens, torch.cat([cls_keep, patch_decision], dim=1))
+            tokens = block_forward(block, tokens, torch.cat([cls_keep, patch_decision], dim=1))
         tokens = self.norm(tokens)
         return MaskedForwardOutput(self.classify(tokens), tokens[:, 1:], patch_decision.detach(), stage_decisions)
 
