@@ -1,0 +1,89 @@
+"""The deploy transform: a DynamicViT turned into the exact graph that is exported.
+
+- deterministic top-k at the chosen keep ratio (the training-time Gumbel path is never exported);
+- attention with an explicit float32 softmax instead of timm's fused kernel, so the ONNX graph is
+  plain MatMul/Softmax and a float16 graph still normalises attention in float32;
+- optionally float16 ("mixed"): weights and activations in float16, with LayerNorm, the attention
+  softmax and the prediction modules (whose scores decide which tokens survive) kept in float32;
+- the seam where a ToCom delta for (training keep ratio -> deploy keep ratio) is merged into the weights.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from compress.dynamicvit import DynamicViT, block_forward
+from compress.errors import PipelineError
+
+PRECISIONS = ("fp32", "fp16")
+
+
+class ExportBlock(nn.Module):
+    """A timm block run through ``block_forward`` (explicit float32 softmax, no fused attention)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_forward(self.block, x)
+
+
+class Float32LayerNorm(nn.Module):
+    """LayerNorm computed in float32 inside a float16 graph (fp16 variance overflows on ViT activations)."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.float()).to(x.dtype)
+
+
+class Float32Island(nn.Module):
+    """A module kept in float32 within a float16 graph; its outputs stay float32.
+
+    Used for the prediction modules: their keep scores choose the surviving tokens, and float16
+    scores would create ties and selections that float32 PyTorch never makes.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        return self.module(x.float(), *args)
+
+
+def to_mixed_float16(model: DynamicViT) -> DynamicViT:
+    """Float16 weights and activations except LayerNorm, attention softmax and prediction modules."""
+    model = model.half()
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.LayerNorm) and not isinstance(module, Float32LayerNorm):
+                setattr(module, child_name, Float32LayerNorm(child))
+    model.score_predictor = nn.ModuleList(Float32Island(p.module if isinstance(p, Float32Island) else p)
+                                          for p in model.score_predictor)
+    return model
+
+
+def merge_tocom(model: DynamicViT, plugin_path: str, scale: float | None) -> dict:
+    """Fold ToCom(rho_train -> keep) into the qkv weights. Lands with the ToCom issue."""
+    raise PipelineError("--tocom is not available yet: ToCom training and merging have not landed in compress/")
+
+
+def deploy_copy(model: DynamicViT, keep_ratio: float, precision: str = "fp32") -> DynamicViT:
+    """An eval-mode copy of ``model`` ready for export at ``keep_ratio``; ``model`` is left unchanged."""
+    if precision not in PRECISIONS:
+        raise PipelineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    deployed = copy.deepcopy(model).eval()
+    deployed.keep_ratio = keep_ratio
+    deployed.blocks = nn.Sequential(*(ExportBlock(b) for b in deployed.blocks))
+    for parameter in deployed.parameters():
+        parameter.requires_grad_(False)
+    return to_mixed_float16(deployed) if precision == "fp16" else deployed
+
+
+

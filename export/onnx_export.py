@@ -1,0 +1,82 @@
+"""Writing a deploy-ready DynamicViT as ONNX (TorchScript-based exporter: deterministic, opset 17+).
+
+Graph contract: input ``images`` [B, 3, H, W] float32; output ``logits`` [B, classes] float32 (float16
+graphs cast at both ends); with ``with_indices`` (debug graphs used by validation) also
+``kept_stage{k}`` [B, k_stage] int64, the kept patch positions of every stage on the original grid.
+Token counts per stage are static; the batch is static or dynamic.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+import torch.nn as nn
+
+from compress.dynamicvit import DynamicViT
+from compress.errors import PipelineError
+from export.selection import SELECTION_FLAVOURS, native_token_selector, plugin_token_selector
+
+MIN_OPSET = 17  # LayerNormalization is one node from opset 17 on (fp16-safe on TensorRT)
+
+
+class ExportGraph(nn.Module):
+    """images -> logits (and kept positions) with a chosen selection flavour."""
+
+    def __init__(self, model: DynamicViT, flavour: str, with_indices: bool):
+        super().__init__()
+        if flavour not in SELECTION_FLAVOURS:
+            raise PipelineError(f"gather flavour must be one of {SELECTION_FLAVOURS}, got {flavour!r}")
+        self.model = model
+        self.with_indices = with_indices
+        self.dtype = next(model.parameters()).dtype  # first parameter: cls_token, float16 in fp16 graphs
+        model.token_selector = native_token_selector if flavour == "native" else plugin_token_selector(with_indices)
+
+    def forward(self, images: torch.Tensor):
+        images = images.to(self.dtype)
+        if not self.with_indices:
+            return self.model.forward_pruned(images).float()
+        logits, kept = self.model.forward_pruned(images, return_indices=True)
+        return (logits.float(), *kept)
+
+
+def output_names(num_stages: int, with_indices: bool) -> list[str]:
+    return ["logits"] + ([f"kept_stage{k}" for k in range(1, num_stages + 1)] if with_indices else [])
+
+
+def export_onnx(
+    model: DynamicViT,
+    flavour: str = "native",
+    batch_size: int = 1,
+    dynamic_batch: bool = False,
+    opset: int = MIN_OPSET,
+    with_indices: bool = False,
+) -> onnx.ModelProto:
+    """Export a ``deploy_copy`` of a DynamicViT; returns the checked ModelProto (nothing is written)."""
+    if opset < MIN_OPSET:
+        raise PipelineError(f"opset {opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
+    graph = ExportGraph(model, flavour, with_indices).eval()
+    size = model.patch_embed.img_size
+    images = torch.randn(batch_size, model.patch_embed.proj.in_channels, *size)
+    stages = 0 if model.keep_ratio >= 1.0 else len(model.config.pruning_locations)
+    names = output_names(stages, with_indices)
+    dynamic_axes = {name: {0: "batch"} for name in ["images", *names]} if dynamic_batch else None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter warns about its own deprecation and about timm's shape asserts,
+        # which are constants for a fixed image size.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, (images,), buffer, dynamo=False, opset_version=opset, input_names=["images"],
+            output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+            custom_opsets={"trt.plugins": 1} if flavour == "plugin" else None,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.producer_name = "vit-prune-deploy"
+    try:
+        onnx.checker.check_model(proto)
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=flavour == "native")
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise PipelineError(f"exported ONNX failed onnx.checker/shape inference: {exc}") from None
+    return proto

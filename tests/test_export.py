@@ -1,0 +1,173 @@
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compress import create_dynamicvit
+from compress.checkpoint import save_dynamicvit
+from export.deploy import deploy_copy
+from export.onnx_export import export_onnx
+from export.validate import onnxruntime_session, pytorch_reference
+
+REPO = Path(__file__).resolve().parents[1]
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "LayerNormalization", "Softmax", "LogSoftmax", "Erf")
+
+
+def run_build(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "export.build", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=timeout)
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def run_graph(proto, images):
+    return onnxruntime_session(proto).run(None, {"images": images.numpy()})
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("ck") / "tiny.pth"
+    save_dynamicvit(create_dynamicvit("dynamicvit_deit_tiny", keep_ratio=0.7), path)
+    return path
+
+
+@pytest.mark.slow
+def test_random_deit_small_at_keep_07_exports_and_validates(tmp_path):
+    out = tmp_path / "small"
+    result = run_build("--model", "dynamicvit_deit_small", "--keep", "0.7", "--gather", "plugin", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = manifest_of(out)
+    assert {a["role"] for a in manifest["artifacts"]} == {"onnx", "onnx_plugin"}
+    assert manifest["tokens"]["kept_per_stage"] == [137, 96, 67]
+    for role in ("onnx", "onnx_plugin"):
+        (check,) = manifest["validation"][role]
+        assert check["max_abs_error"] <= 1e-4 and check["kept_sets_identical"] and check["passed"]
+    assert manifest["engine"] == {"built": False, "reason": "TensorRT is not installed"} or manifest["engine"]["tensorrt"]
+    assert "RANDOM WEIGHTS" in result.stdout
+
+
+def test_plugin_and_native_graphs_differ_only_in_the_selection_nodes(tiny_model):
+    images = torch.randn(2, 3, 224, 224)
+    native = export_onnx(deploy_copy(tiny_model, 0.7), "native", batch_size=2)
+    plugin = export_onnx(deploy_copy(tiny_model, 0.7), "plugin", batch_size=2)
+    native_ops = Counter(n.op_type for n in native.graph.node)
+    plugin_ops = Counter(n.op_type for n in plugin.graph.node)
+    assert (native_ops["TopK"], native_ops["GatherElements"], native_ops["TokenGather"]) == (3, 3, 0)
+    assert (plugin_ops["TopK"], plugin_ops["GatherElements"], plugin_ops["TokenGather"]) == (0, 0, 3)
+    assert all(native_ops[op] == plugin_ops[op] > 0 for op in COMPUTE_OPS), (native_ops, plugin_ops)
+
+    def weights(proto):
+        return sorted(onnx.numpy_helper.to_array(t).tobytes().hex()[:64] + str(t.dims) for t in proto.graph.initializer
+                      if np.prod(t.dims) > 1000)
+
+    assert weights(native) == weights(plugin)
+    native_out = run_graph(export_onnx(deploy_copy(tiny_model, 0.7), "native", batch_size=2, with_indices=True), images)
+    plugin_out = run_graph(export_onnx(deploy_copy(tiny_model, 0.7), "plugin", batch_size=2, with_indices=True), images)
+    np.testing.assert_array_equal(run_graph(native, images)[0], native_out[0])
+    np.testing.assert_array_equal(native_out[0], plugin_out[0])  # float32: exactly equal, indices included
+    for a, b in zip(native_out[1:], plugin_out[1:]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ties_follow_the_rule_in_pytorch_onnx_and_plugin(tiny_model):
+    for predictor in tiny_model.score_predictor:  # every patch token gets the same keep score
+        torch.nn.init.zeros_(predictor.out_conv[4].weight)
+        torch.nn.init.zeros_(predictor.out_conv[4].bias)
+    images = torch.randn(2, 3, 224, 224)
+    _, reference = pytorch_reference(tiny_model, images)
+    assert [r.tolist() for r in reference] == [[list(range(k))] * 2 for k in (137, 96, 67)]
+    for flavour in ("native", "plugin"):
+        outputs = run_graph(export_onnx(deploy_copy(tiny_model, 0.7), flavour, batch_size=2, with_indices=True), images)
+        for got, want in zip(outputs[1:], reference):
+            np.testing.assert_array_equal(got, want, err_msg=flavour)
+
+
+def test_reexport_is_byte_identical(tiny_model):
+    first = export_onnx(deploy_copy(tiny_model, 0.6), "native").SerializeToString()
+    second = export_onnx(deploy_copy(tiny_model, 0.6), "native").SerializeToString()
+    assert first == second
+
+
+def test_dynamic_batch_graph_runs_other_batch_sizes(tiny_model):
+    proto = export_onnx(deploy_copy(tiny_model, 0.5), "native", batch_size=2, dynamic_batch=True, with_indices=True)
+    images = torch.randn(3, 3, 224, 224)
+    tiny_model.keep_ratio = 0.5
+    logits, _ = pytorch_reference(tiny_model, images)
+    outputs = run_graph(proto, images)
+    np.testing.assert_allclose(outputs[0], logits, atol=1e-4, rtol=0)
+    assert [o.shape for o in outputs[1:]] == [(3, 98), (3, 49), (3, 24)]
+
+
+def test_dense_export_has_no_selection(tiny_model):
+    proto = export_onnx(deploy_copy(tiny_model, 1.0), "native", batch_size=1)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["TopK"] == 0 and ops["LogSoftmax"] == 0 and ops["LayerNormalization"] == 25
+
+
+def test_fp16_graph_is_mixed_and_close(tiny_model):
+    proto = export_onnx(deploy_copy(tiny_model, 0.7, "fp16"), "native", batch_size=4)
+    by_type = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer if np.prod(t.dims) > 1000)
+    assert by_type["FLOAT16"] > 0 and by_type["FLOAT"] > 0  # predictors and norms stay float32
+    images = torch.randn(4, 3, 224, 224)
+    logits, _ = pytorch_reference(tiny_model, images)
+    got = run_graph(proto, images)[0]
+    assert got.dtype == np.float32
+    assert np.abs(got - logits).max() < 1e-2  # measured ~1e-3 on DeiT-S; float16 has ~3 decimal digits
+
+
+def test_build_writes_manifest_and_reexport_hashes_match(tmp_path, tiny_checkpoint):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        result = run_build("--checkpoint", tiny_checkpoint, "--keep", "0.6", "--fp16", "--dynamic-batch", "1,2,4", "--out", out)
+        assert result.returncode == 0, result.stderr
+    first, second = manifest_of(a), manifest_of(b)
+    assert [x["sha256"] for x in first["artifacts"]] == [x["sha256"] for x in second["artifacts"]]
+    assert first["keep_ratio"] == 0.6 and first["tokens"]["kept_per_stage"] == [117, 70, 42]
+    assert first["batch"] == {"dynamic": True, "min": 1, "opt": 2, "max": 4}
+    assert first["validation"]["onnx_fp16"][0]["top1_agreement"] >= 0.5
+    assert first["validation"]["onnx"][0]["max_abs_error"] <= 1e-4
+    for artifact in first["artifacts"]:
+        assert (a / artifact["path"]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no staging folders left behind
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--keep", "0"], "--keep must be in (0, 1]"),
+        (["--keep", "1.5"], "--keep must be in (0, 1]"),
+        (["--keep", "0.05"], "keeps no patch token"),
+        (["--model", "dynamicvit_deit_small"], "shape mismatches"),
+        (["--int8"], "--int8 is not available yet"),
+        (["--backend", "trt"], "--backend trt"),
+    ],
+)
+def test_bad_input_gives_one_line_and_no_output(tmp_path, tiny_checkpoint, extra, fragment):
+    out = tmp_path / "out"
+    result = run_build("--checkpoint", tiny_checkpoint, "--out", out, *extra)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+    assert list(tmp_path.iterdir()) == []  # neither --out nor a staging folder
+
+
+def test_corrupt_checkpoint_and_unwritable_out(tmp_path, tiny_checkpoint):
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    result = run_build("--checkpoint", corrupt, "--out", tmp_path / "o1")
+    assert result.returncode == 2 and "corrupt or truncated" in result.stderr and "Traceback" not in result.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_build("--checkpoint", tiny_checkpoint, "--out", blocker / "sub")
+    assert result.returncode == 2 and "cannot write to --out" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "corrupt.pth"]
