@@ -28,7 +28,7 @@ from compress.token_select import TIE_RULE
 from export.deploy import deploy_copy, merge_tocom
 from export.onnx_export import MIN_OPSET, export_onnx
 from export.selection import SELECTION_FLAVOURS
-from export.validate import validate_graph
+from export.validate import shipped_vs_debug, validate_graph
 
 MANIFEST_SCHEMA = 1
 FLOAT32_MAX_ABS_ERROR = 1e-4  # ONNX Runtime vs PyTorch logits, float32 graphs
@@ -233,7 +233,6 @@ def export_all(args, model, label, loaded, real_images, counts, tocom, staging: 
         debug = export_onnx(deploy_copy(model, model.keep_ratio, precision), flavour, with_indices=True, **graph_options)
         tolerance = FLOAT32_MAX_ABS_ERROR if precision == "fp32" else None
         results = validate_graph(debug, model, input_sets, tolerance)
-        validation[role] = [r.to_dict() for r in results]
         failed = [r for r in results if not r.passed]
         if failed:
             r = failed[0]
@@ -241,6 +240,11 @@ def export_all(args, model, label, loaded, real_images, counts, tocom, staging: 
                 f"validation of the {role} graph failed on {r.inputs} inputs: max abs error {r.max_abs_error:.3g} "
                 f"(limit {tolerance}), kept token sets identical: {r.kept_sets_identical}"
             )
+        # The shipped graph is the debug twin minus the index outputs: check it computes the same logits.
+        twin_error = shipped_vs_debug(graph, debug, input_sets)
+        if precision == "fp32" and twin_error > FLOAT32_MAX_ABS_ERROR:
+            raise PipelineError(f"the shipped {role} graph disagrees with its validated debug twin ({twin_error:.3g})")
+        validation[role] = {"comparisons": [r.to_dict() for r in results], "shipped_vs_debug_max_abs": twin_error}
         write_onnx(graph, staging / file_name)
         artifacts.append({"path": file_name, "role": role, "sha256": sha256(staging / file_name)})
 
@@ -305,7 +309,7 @@ def print_summary(manifest: dict, out: Path) -> None:
         print("  note: RANDOM WEIGHTS (no checkpoint given and no demo model): for checking the pipeline only")
     print(f"  {'artefact':<24} {'role':<12} {'inputs':<10} {'max abs err':>11} {'top-1':>6}  kept tokens")
     for artifact in manifest["artifacts"]:
-        for result in manifest["validation"].get(artifact["role"], [{}]):
+        for result in manifest["validation"].get(artifact["role"], {}).get("comparisons", [{}]):
             if not result:
                 print(f"  {artifact['path']:<24} {artifact['role']:<12}")
                 continue

@@ -98,8 +98,11 @@ def validate_graph(
     return results
 
 
-def same_logits(graph: onnx.ModelProto, debug_graph: onnx.ModelProto, images: torch.Tensor) -> float:
-    """Max abs difference between a production graph and its debug twin (they must compute the same)."""
-    a = onnxruntime_session(graph).run(None, {"images": images.numpy()})[0]
-    b = onnxruntime_session(debug_graph).run(None, {"images": images.numpy()})[0]
-    return float(np.abs(a - b).max())
+def shipped_vs_debug(graph: onnx.ModelProto, debug_graph: onnx.ModelProto, input_sets: dict[str, torch.Tensor]) -> float:
+    """Max abs logit difference between a shipped graph and its debug twin over every input set."""
+    shipped, debug = onnxruntime_session(graph), onnxruntime_session(debug_graph)
+    worst = 0.0
+    for images in input_sets.values():
+        feed = {"images": images.numpy()}
+        worst = max(worst, float(np.abs(shipped.run(None, feed)[0] - debug.run(None, feed)[0]).max()))
+    return worst

@@ -1,0 +1,101 @@
+"""``python -m export.bench_pruning``: how much faster pruning makes a DynamicViT on this machine's CPU.
+
+For each keep ratio it times PyTorch eager inference and the exported ONNX on ONNX Runtime (CPU),
+batch sizes as given, against the dense model (keep 1.0) measured in the same run, and prints the
+latency ratios next to the analytic MACs ratio. Medians of repeated runs; writes a CSV. Weights are
+random (latency does not depend on them; the token counts are fixed by the keep ratio).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import onnxruntime as ort
+import torch
+
+from compress.cli import run_cli
+from compress.complexity import analytic_macs, vit_shape
+from compress.dynamicvit import create_dynamicvit
+from export.deploy import deploy_copy
+from export.onnx_export import export_onnx
+
+
+def median_ms(run, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.bench_pruning", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dynamicvit_deit_small", help="architecture (default: dynamicvit_deit_small)")
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5],
+                        help="keep ratios to compare with dense (default: 0.9 0.8 0.7 0.6 0.5)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per case; the median is kept (default: 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
+    parser.add_argument("--threads", type=int, default=0, help="threads for both frameworks, 0 = all cores (default: 0)")
+    parser.add_argument("--frameworks", nargs="+", choices=("pytorch", "onnxruntime"), default=["pytorch", "onnxruntime"],
+                        help="what to time (default: both)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="results file (default: bench_pruning_<model>_<cpu count>cpu_torch<version>.csv)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = create_dynamicvit(args.model, keep_ratio=0.7).eval()
+    shape = vit_shape(model)
+    rows = []
+    for batch in args.batch:
+        images = torch.randn(batch, 3, *model.patch_embed.img_size)
+        for keep in [1.0, *args.keep]:
+            model.keep_ratio = keep  # eager: the model as users run it (timm's fused attention)
+            row = {"batch": batch, "keep": keep, "macs_g": analytic_macs(shape, keep) / 1e9}
+            if "pytorch" in args.frameworks:
+                with torch.inference_mode():
+                    row["pytorch_ms"] = median_ms(lambda: model.forward_pruned(images), args.warmup, args.repeats)
+            if "onnxruntime" in args.frameworks:
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = args.threads
+                graph = export_onnx(deploy_copy(model, keep), batch_size=batch)
+                session = ort.InferenceSession(graph.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+                feed = {"images": images.numpy()}
+                row["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), args.warmup, args.repeats)
+            rows.append(row)
+            print(f"  batch {batch} keep {keep}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith("_ms")),
+                  file=sys.stderr, flush=True)
+    dense = {(r["batch"]): r for r in rows if r["keep"] == 1.0}
+    for row in rows:
+        base = dense[row["batch"]]
+        row["macs_ratio"] = row["macs_g"] / base["macs_g"]
+        for framework in args.frameworks:
+            row[f"{framework}_ratio"] = row[f"{framework}_ms"] / base[f"{framework}_ms"]
+    print(f"\n{args.model} on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}; medians of {args.repeats} runs")
+    header = ["batch", "keep", "macs_g", "macs_ratio"] + [f"{f}_{s}" for f in args.frameworks for s in ("ms", "ratio")]
+    print("  ".join(f"{h:>16}" for h in header))
+    for row in rows:
+        print("  ".join(f"{row[h]:>16.3f}" if isinstance(row[h], float) else f"{row[h]:>16}" for h in header))
+    path = args.csv or Path(f"bench_pruning_{args.model}_{torch.get_num_threads()}cpu_torch{torch.__version__.split('+')[0]}.csv")
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows({h: row[h] for h in header} for row in rows)
+    print(f"written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
