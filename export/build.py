@@ -14,18 +14,19 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import onnx
 import torch
 
-from compress.checkpoint import LoadedCheckpoint, load_dynamicvit
+from compress.checkpoint import load_dynamicvit
 from compress.cli import run_cli
 from compress.dynamicvit import DynamicViT, create_dynamicvit
 from compress.errors import InvalidKeepRatio, PipelineError
 from compress.token_select import TIE_RULE
-from export.deploy import deploy_copy, merge_tocom
+from export.deploy import deploy_copy
 from export.onnx_export import MIN_OPSET, export_onnx
 from export.selection import SELECTION_FLAVOURS
 from export.validate import shipped_vs_debug, validate_graph
@@ -87,32 +88,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(args: argparse.Namespace) -> tuple[DynamicViT, str, LoadedCheckpoint | None, dict[str, torch.Tensor]]:
-    """The model to export, its label, and real images to validate on (empty when none are known)."""
+@dataclass
+class ExportSubject:
+    """What is exported: the model at the deploy keep ratio, and where it came from."""
+
+    model: DynamicViT
+    label: str
+    random_weights: bool
+    notes: list[str]
+    rho_train: float | None  # the keep ratio the model was trained at, when known (ToCom needs it)
+    real_images: dict[str, torch.Tensor]  # named real image sets to validate on (may be empty)
+
+
+def load_subject(args: argparse.Namespace) -> ExportSubject:
+    """The checkpoint, else the shipped demo model, else a seeded random model (labelled)."""
     if args.checkpoint is not None:
-        loaded = load_dynamicvit(args.checkpoint, model_name=args.model, keep_ratio=args.keep)
-        return loaded.model, args.checkpoint.stem, loaded, {}
-    demo = demo_model()
-    if demo is not None:
-        loaded, images = demo
-        if args.keep is not None:
-            loaded.model.keep_ratio = args.keep
-        return loaded.model, "demo", loaded, images
-    torch.manual_seed(VALIDATION_SEED)  # the same random weights on every run: byte-identical re-exports
-    model = create_dynamicvit(args.model or RANDOM_MODEL_NAME, keep_ratio=0.7 if args.keep is None else args.keep)
-    return model, f"{args.model or RANDOM_MODEL_NAME}-random", None, {}
+        subject = subject_from_checkpoint(args.checkpoint, args.checkpoint.stem, args.model, {})
+    elif (demo := demo_subject()) is not None:
+        subject = demo
+    else:
+        torch.manual_seed(VALIDATION_SEED)  # the same random weights on every run: byte-identical re-exports
+        name = args.model or RANDOM_MODEL_NAME
+        model = create_dynamicvit(name, keep_ratio=0.7)
+        subject = ExportSubject(model, f"{name}-random", True, [], None, {})
+    if args.keep is not None:
+        subject.model.keep_ratio = args.keep  # the config keeps the training keep ratio
+        subject.notes = [n for n in subject.notes if "no training keep ratio" not in n]
+    return subject
 
 
-def demo_model() -> tuple[LoadedCheckpoint, dict[str, torch.Tensor]] | None:
-    """The shipped demo checkpoint and some of its test images, once the demo model exists."""
+def subject_from_checkpoint(path: Path, label: str, model_name: str | None, real_images: dict) -> ExportSubject:
+    loaded = load_dynamicvit(path, model_name=model_name)
+    rho_train = loaded.model.keep_ratio if loaded.keep_ratio_known else None
+    return ExportSubject(loaded.model, label, False, loaded.notes, rho_train, real_images)
+
+
+def demo_subject(num_images: int = 32) -> ExportSubject | None:
+    """The shipped demo checkpoint with the first images of its test split, once the demo model exists."""
     try:
-        from compress import demo
+        from compress.data import demo_dataset
+        from compress.demo import demo_checkpoint_path
     except ImportError:
         return None
-    path = Path(demo.demo_checkpoint_path())
+    path = Path(demo_checkpoint_path())
     if not path.is_file():
         return None
-    return load_dynamicvit(path), {"demo-test": demo.demo_test_images(16)}
+    test = demo_dataset("test", random_placement=False)
+    images = torch.stack([test[i][0] for i in range(min(num_images, len(test)))])
+    return subject_from_checkpoint(path, "demo", None, {"demo-test": images})
+
+
+def merge_tocom(subject: ExportSubject, plugin: Path, scale: float | None) -> dict:
+    """Fold ToCom(rho_train -> keep) into the model's qkv weights; returns the manifest entry."""
+    if subject.rho_train is None:
+        raise PipelineError("--tocom needs the keep ratio the model was trained at, and this checkpoint does not "
+                            "record it (use a checkpoint written by compress.train)")
+    try:
+        from compress.tocom import merge_plugin_file
+    except ImportError:
+        raise PipelineError("--tocom is not available: compress.tocom is not installed in this version") from None
+    return merge_plugin_file(subject.model, plugin, subject.model.keep_ratio, scale)
 
 
 def prepare_output(out: Path) -> Path:
@@ -201,14 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = 3 + (args.gather == "plugin") + args.fp16 + (args.backend != "ort")
     progress = Progress(steps)
     progress.step("loading the model")
-    model, label, loaded, real_images = load_model(args)
-    counts = model.stage_keep_counts() if model.keep_ratio < 1.0 else []
-    tocom = merge_tocom(model, str(args.tocom), args.tocom_scale) if args.tocom else None
+    subject = load_subject(args)
+    tocom = merge_tocom(subject, args.tocom, args.tocom_scale) if args.tocom else None
     precision = "fp16" if args.fp16 else "fp32"
-    out = args.out or Path("exports") / f"{label}_keep{model.keep_ratio:g}_{precision}"
+    out = args.out or Path("exports") / f"{subject.label}_keep{subject.model.keep_ratio:g}_{precision}"
     staging = prepare_output(out)
     try:
-        manifest = export_all(args, model, label, loaded, real_images, counts, tocom, staging, progress)
+        manifest = export_all(args, subject, tocom, staging, progress)
         manifest["build_seconds"] = round(time.perf_counter() - started, 2)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         publish(staging, out)
@@ -218,12 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def export_all(args, model, label, loaded, real_images, counts, tocom, staging: Path, progress: Progress) -> dict:
+def export_all(args, subject: ExportSubject, tocom: dict | None, staging: Path, progress: Progress) -> dict:
     """Export, validate and (where possible) build every artefact into ``staging``; returns the manifest."""
+    model = subject.model
+    counts = model.stage_keep_counts() if model.keep_ratio < 1.0 else []
     low, opt, high = args.dynamic_batch or (args.batch_size,) * 3
     generator = torch.Generator().manual_seed(VALIDATION_SEED)
     image_shape = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    input_sets = {"random": torch.randn(opt, *image_shape, generator=generator), **real_images}
+    input_sets = {"random": torch.randn(opt, *image_shape, generator=generator), **subject.real_images}
     graph_options = dict(batch_size=opt, dynamic_batch=args.dynamic_batch is not None, opset=args.opset)
     artifacts, validation = [], {}
 
@@ -278,11 +314,12 @@ def export_all(args, model, label, loaded, real_images, counts, tocom, staging: 
         "schema_version": MANIFEST_SCHEMA,
         "artifacts": artifacts,
         "model": {
-            "label": label,
-            "source": str(args.checkpoint) if args.checkpoint else label,
-            "random_weights": loaded is None,
+            "label": subject.label,
+            "source": str(args.checkpoint) if args.checkpoint else subject.label,
+            "random_weights": subject.random_weights,
             "architecture": model.config.to_dict(),
-            "loader_notes": loaded.notes if loaded else ["randomly initialised: no checkpoint and no demo model"],
+            "rho_train": subject.rho_train,
+            "loader_notes": subject.notes,
         },
         "keep_ratio": model.keep_ratio,
         "tokens": {"patches": model.num_patches, "kept_per_stage": counts,
@@ -307,6 +344,11 @@ def print_summary(manifest: dict, out: Path) -> None:
           f" into {out}/")
     if manifest["model"]["random_weights"]:
         print("  note: RANDOM WEIGHTS (no checkpoint given and no demo model): for checking the pipeline only")
+    for note in manifest["model"]["loader_notes"]:
+        print(f"  note: {note}")
+    if manifest["tocom"]:
+        print(f"  ToCom merged: rho_train {manifest['tocom']['rho_train']} -> keep {manifest['tocom']['keep']}, "
+              f"scale {manifest['tocom']['scale']}")
     print(f"  {'artefact':<24} {'role':<12} {'inputs':<10} {'max abs err':>11} {'top-1':>6}  kept tokens")
     for artifact in manifest["artifacts"]:
         for result in manifest["validation"].get(artifact["role"], {}).get("comparisons", [{}]):

@@ -5,7 +5,8 @@
   plain MatMul/Softmax and a float16 graph still normalises attention in float32;
 - optionally float16 ("mixed"): weights and activations in float16, with LayerNorm, the attention
   softmax and the prediction modules (whose scores decide which tokens survive) kept in float32;
-- the seam where a ToCom delta for (training keep ratio -> deploy keep ratio) is merged into the weights.
+The ToCom delta for (training keep ratio -> deploy keep ratio) is merged into the weights before this copy
+is made (``export.build.merge_tocom``), so the merged model is what gets exported and validated.
 """
 from __future__ import annotations
 
@@ -67,11 +68,6 @@ def to_mixed_float16(model: DynamicViT) -> DynamicViT:
     model.score_predictor = nn.ModuleList(Float32Island(p.module if isinstance(p, Float32Island) else p)
                                           for p in model.score_predictor)
     return model
-
-
-def merge_tocom(model: DynamicViT, plugin_path: str, scale: float | None) -> dict:
-    """Fold ToCom(rho_train -> keep) into the qkv weights. Lands with the ToCom issue."""
-    raise PipelineError("--tocom is not available yet: ToCom training and merging have not landed in compress/")
 
 
 def deploy_copy(model: DynamicViT, keep_ratio: float, precision: str = "fp32") -> DynamicViT:
