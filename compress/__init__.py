@@ -1,4 +1,4 @@
-"""compress: DynamicViT models, checkpoints and (later) their training and ToCom."""
+"""compress: DynamicViT models and checkpoints, their training, masked fine-tuning and ToCom."""
 from compress.dynamicvit import (
     REGISTERED_VARIANTS,
     DynamicViT,

@@ -15,6 +15,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -203,18 +204,24 @@ def load_dynamicvit(
     return LoadedCheckpoint(model, notes, rest, keep_known)
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """Write with torch.save to a temporary file beside ``path`` and rename: never a half-written file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary_path)`` on a file beside ``path``, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        torch.save(obj, temporary)
+        write(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` through ``atomic_write``."""
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def save_dynamicvit(model: DynamicViT, path: str | os.PathLike, **metadata) -> None:

@@ -1,0 +1,54 @@
+"""ToCom training under torchrun: two CPU processes (gloo on 127.0.0.1) end with the same plugin."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from compress import create_dynamicvit, tocom
+from compress.checkpoint import save_dynamicvit
+
+RANK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    from compress.tocom_train import ToComTrainConfig, train
+
+    out = sys.argv[2]
+    result = train(ToComTrainConfig(checkpoint=sys.argv[1], out=out, epochs=1, batch_size=16, limit_train=80,
+                                    limit_eval=32, lr=3e-3, warmup_epochs=0.5, device="cpu", eval_keeps=(0.9, 0.5),
+                                    scales=(0.1,)))
+    torch.save({"step": result.steps, "plugin": result.plugin.state_dict()}, f"{out}/rank{os.environ['RANK']}.pt")
+    """
+)
+
+
+def test_tocom_training_ddp_two_cpu_processes_end_with_identical_plugins(tmp_path):
+    torch.manual_seed(0)
+    model = create_dynamicvit("vit_small_patch16_224", 0.7, None, img_size=64, patch_size=8, embed_dim=32, depth=4,
+                              num_heads=2, num_classes=10)
+    with torch.no_grad():
+        model.head.weight.mul_(30.0)
+    checkpoint = tmp_path / "dvit.pth"
+    save_dynamicvit(model, checkpoint)
+    script = tmp_path / "rank_main.py"
+    script.write_text(RANK_SCRIPT)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               str(checkpoint), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = torch.load(out / "rank0.pt", weights_only=True)
+    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    assert rank0["step"] == rank1["step"] == 2  # 64 training images (16 held out) / 2 ranks / 16 per step
+    for name, value in rank0["plugin"].items():
+        assert torch.equal(value, rank1["plugin"][name]), name
+    written, _ = tocom.load_plugin(out / "tocom.safetensors")  # rank 0 wrote it
+    for name, value in written.state_dict().items():
+        assert torch.equal(value, rank0["plugin"][name]), name
+    assert written.info.extra["training"]["world_size"] == 2
+    assert any(float(v.abs().max()) > 0 for k, v in rank0["plugin"].items() if k.endswith("_up"))
