@@ -172,3 +172,28 @@ def test_corrupt_checkpoint_and_unwritable_out(tmp_path, tiny_checkpoint):
     result = run_build("--checkpoint", tiny_checkpoint, "--out", blocker / "sub")
     assert result.returncode == 2 and "cannot write to --out" in result.stderr and "Traceback" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "corrupt.pth"]
+
+
+def test_tocom_is_merged_before_export_and_recorded(tmp_path, tiny_checkpoint):
+    from compress.checkpoint import load_dynamicvit
+    from compress.tocom import plugin_for_model, save_plugin
+
+    model = load_dynamicvit(tiny_checkpoint).model
+    plugin = plugin_for_model(model)
+    torch.manual_seed(5)
+    for layer in plugin.layers:  # a trained plugin has non-zero up projections; a fresh one changes nothing
+        torch.nn.init.normal_(layer.q_up, std=0.05)
+        torch.nn.init.normal_(layer.v_up, std=0.05)
+    save_plugin(plugin, tmp_path / "tocom.safetensors")
+    plain, merged = tmp_path / "plain", tmp_path / "merged"
+    assert run_build("--checkpoint", tiny_checkpoint, "--keep", "0.5", "--backend", "ort", "--out", plain).returncode == 0
+    result = run_build("--checkpoint", tiny_checkpoint, "--keep", "0.5", "--tocom", tmp_path / "tocom.safetensors",
+                       "--tocom-scale", "0.1", "--backend", "ort", "--out", merged)
+    assert result.returncode == 0, result.stderr
+    entry = manifest_of(merged)["tocom"]
+    assert (entry["rho_train"], entry["keep"], entry["scale"]) == (0.7, 0.5, 0.1)
+    assert manifest_of(merged)["validation"]["onnx"]["comparisons"][0]["max_abs_error"] <= 1e-4
+    assert manifest_of(merged)["artifacts"][0]["sha256"] != manifest_of(plain)["artifacts"][0]["sha256"]
+    off_grid = run_build("--checkpoint", tiny_checkpoint, "--keep", "0.55", "--tocom", tmp_path / "tocom.safetensors",
+                         "--out", tmp_path / "off")
+    assert off_grid.returncode == 2 and "grid" in off_grid.stderr and "Traceback" not in off_grid.stderr
