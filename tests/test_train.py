@@ -1,0 +1,218 @@
+"""Training: loss terms, schedule, parameter groups, a few real steps, resume, error messages."""
+import copy
+import math
+
+import pytest
+import torch
+
+from compress import create_dynamicvit
+from compress.checkpoint import load_dynamicvit
+from compress.cli import run_cli
+from compress.data import DemoDigits
+from compress.engine import apply_lr, dynamicvit_param_groups, read_json_lines, scheduled_lr
+from compress.losses import (
+    LossWeights,
+    dynamicvit_loss,
+    keep_ratio_loss,
+    logit_distillation_loss,
+    stage_targets,
+    token_distillation_loss,
+)
+from compress.train import TrainConfig, main, train
+
+TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+TINY_FLAGS = ["--embed-dim", "32", "--depth", "4", "--num-heads", "2"]
+
+
+def tiny_model(keep_ratio=0.7):
+    return create_dynamicvit("vit_small_patch16_224", keep_ratio, None, **TINY)
+
+
+def demo_batch(size=64):
+    data = DemoDigits("train", random_placement=False)
+    images, labels = zip(*(data[i] for i in range(size)))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def tiny_config(tmp_path, **overrides):
+    values = dict(out=str(tmp_path / "run"), embed_dim=32, depth=4, num_heads=2, epochs=2, batch_size=32,
+                  limit_train=128, limit_eval=64, lr=1e-3, warmup_epochs=0.5, backbone_frozen_epochs=1,
+                  ema_decay=0.9, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------- loss terms
+
+
+def test_keep_ratio_loss_is_mean_over_stages_of_squared_gap_to_rho_power_k():
+    assert stage_targets(0.7, 3) == pytest.approx([0.7, 0.49, 0.343])
+    decisions = [torch.ones(2, 64), torch.zeros(2, 64), torch.cat([torch.ones(2, 32), torch.zeros(2, 32)], 1)]
+    expected = ((1 - 0.7) ** 2 + (0 - 0.49) ** 2 + (0.5 - 0.343) ** 2) / 3
+    assert float(keep_ratio_loss(decisions, 0.7)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_logit_distillation_is_zero_for_equal_logits_and_matches_kl_definition():
+    student, teacher = torch.randn(4, 10), torch.randn(4, 10)
+    assert float(logit_distillation_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    p = teacher.softmax(-1)
+    expected = (p * (p.log() - student.log_softmax(-1))).sum() / 4
+    assert float(logit_distillation_loss(student, teacher)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_token_distillation_counts_only_kept_tokens():
+    student, teacher = torch.zeros(1, 4, 2), torch.zeros(1, 4, 2)
+    student[0, 3] = 10.0  # a dropped token: must not count
+    student[0, 0] = 1.0
+    keep = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert float(token_distillation_loss(student, teacher, keep)) == pytest.approx(2 * 1.0 / (2 * 2))
+    assert float(token_distillation_loss(student, teacher, torch.zeros(1, 4))) == 0.0
+
+
+def test_full_loss_is_weighted_sum_of_terms():
+    model = tiny_model().train()
+    images, labels = demo_batch(8)
+    out = model.forward_masked(images)
+    with torch.no_grad():
+        t_logits, t_tokens = copy.deepcopy(model).eval().forward_dense(images)
+    total, terms = dynamicvit_loss(out, t_logits, t_tokens, labels, 0.7, LossWeights(2.0, 0.5, 0.5))
+    expected = terms["cls"] + 2.0 * terms["ratio"] + 0.5 * terms["kl"] + 0.5 * terms["token_mse"]
+    assert float(total.detach()) == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- schedule and groups
+
+
+def test_warmup_then_cosine_per_iteration():
+    lrs = [scheduled_lr(s, 1e-3, 1e-6, 10, 100) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-6) and lrs[10] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5, rel=1e-6) and lrs[100] == pytest.approx(1e-6)
+
+
+def test_recipe_parameter_groups():
+    model = tiny_model()
+    groups = dynamicvit_param_groups(model, 0.05, 0.01, 2)
+    assert not model.cls_token.requires_grad and not model.pos_embed.requires_grad
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert id(model.cls_token) not in grouped and id(model.pos_embed) not in grouped
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    apply_lr(optimizer, 1e-3, epoch=1)
+    by_name = {(g["name"], g["weight_decay"]): g["lr"] for g in optimizer.param_groups}
+    assert by_name[("predictors", 0.05)] == 1e-3 and by_name[("backbone", 0.05)] == 0.0
+    apply_lr(optimizer, 1e-3, epoch=2)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(1e-5)
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if all(p.ndim <= 1 for p in g["params"]))
+
+
+# ----------------------------------------------------------------------------- real steps
+
+
+def test_a_few_steps_on_demo_data_reduce_the_loss():
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    teacher = copy.deepcopy(model).eval()
+    images, labels = demo_batch(32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    losses = []
+    for _ in range(30):
+        out = model.forward_masked(images)
+        with torch.no_grad():
+            t_logits, t_tokens = teacher.forward_dense(images)
+        loss, _ = dynamicvit_loss(out, t_logits, t_tokens, labels, 0.7)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
+def test_ratio_loss_drives_stage_keep_fractions_toward_rho_powers():
+    torch.manual_seed(0)
+    model = tiny_model(keep_ratio=0.8).train()
+    images, _ = demo_batch(64)
+    targets = stage_targets(0.8, 3)  # 0.8, 0.64, 0.512; untrained predictors keep ~0.5, 0.25, 0.125
+    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if n.startswith("score_predictor")], lr=1e-2)
+
+    def stage_means():
+        with torch.no_grad():
+            return [float(d.mean()) for d in model.forward_masked(images).stage_decisions]
+
+    before = stage_means()
+    for _ in range(40):
+        loss = keep_ratio_loss(model.forward_masked(images).stage_decisions, 0.8)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = [sum(v) / 3 for v in zip(*(stage_means() for _ in range(3)))]
+    for b, a, t in zip(before, after, targets):
+        assert abs(a - t) < 0.5 * abs(b - t), (before, after, targets)
+        assert abs(a - t) < 0.08, (after, targets)
+
+
+def test_cli_run_writes_reference_format_checkpoint_with_training_metadata(tmp_path):
+    result = train(tiny_config(tmp_path, epochs=1))
+    loaded = load_dynamicvit(result.out / "model.pth")
+    assert loaded.notes == [] and loaded.model.keep_ratio == 0.7
+    assert loaded.model.config.pruning_locations == (1, 2, 3)
+    meta = loaded.metadata
+    assert meta["data"]["dataset"] == "demo-digits" and meta["data"]["image_size"] == 64
+    assert meta["data"]["num_classes"] == 10 and meta["step"] == 4 and meta["epoch"] == 1
+    assert meta["training"]["mode"] == "dynamicvit" and "optimizer" not in meta
+    record = read_json_lines(result.out / "log.jsonl")[0]
+    assert {"train_loss", "eval_top1", "eval_top1_ema", "train_keep_fraction"} <= set(record)
+    assert (result.out / "model_ema.pth").is_file() and (result.out / "checkpoint.pth").is_file()
+
+
+def test_resume_continues_from_saved_step_with_identical_state(tmp_path):
+    straight = train(tiny_config(tmp_path / "a", epochs=2))
+    interrupted = train(tiny_config(tmp_path / "b", epochs=2, stop_after=1))
+    assert interrupted.step == 4 and not (tmp_path / "b" / "run" / "model.pth").exists()
+    resumed = train(tiny_config(tmp_path / "b", epochs=2, resume="auto"))
+    assert straight.step == resumed.step == 8
+    reference = straight.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    a = torch.load(tmp_path / "a" / "run" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "run" / "checkpoint.pth", weights_only=True)
+    for name, value in a["model_ema"].items():
+        assert torch.equal(value, b["model_ema"][name]), name
+    assert [r["step"] for r in read_json_lines(tmp_path / "b" / "run" / "log.jsonl")] == [4, 8]
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+def _one_error_line(capsys, argv):
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_missing_data_folder_is_one_line_error(tmp_path, capsys):
+    line = _one_error_line(capsys, ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert "data folder not found" in line
+
+
+def test_bad_init_checkpoint_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    line = _one_error_line(capsys, ["--init", str(bad), "--out", str(tmp_path / "o")])
+    assert "bad.pth" in line
+    assert "not found" in _one_error_line(capsys, ["--init", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "o")])
+
+
+def test_unwritable_output_is_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should go")
+    line = _one_error_line(capsys, ["--out", str(blocker / "run"), *TINY_FLAGS])
+    assert "not writable" in line
+
+
+def test_resume_without_checkpoint_is_one_line_error(tmp_path, capsys):
+    line = _one_error_line(capsys, ["--out", str(tmp_path / "empty"), "--resume", *TINY_FLAGS])
+    assert "checkpoint" in line
