@@ -204,6 +204,12 @@ def load_dynamicvit(
     return LoadedCheckpoint(model, notes, rest, keep_known)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)`` on a file beside ``path``, then rename: never a half-written file."""
     path = Path(path)
@@ -212,6 +218,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp creates 0600; a saved file reads like any other
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

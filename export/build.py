@@ -29,10 +29,11 @@ from compress.token_select import TIE_RULE
 from export.deploy import deploy_copy
 from export.onnx_export import MIN_OPSET, export_onnx
 from export.selection import SELECTION_FLAVOURS
-from export.validate import shipped_vs_debug, validate_graph
+from export.validate import RANDOM_INPUTS, shipped_vs_debug, validate_graph
 
 MANIFEST_SCHEMA = 1
 FLOAT32_MAX_ABS_ERROR = 1e-4  # ONNX Runtime vs PyTorch logits, float32 graphs
+REDUCED_PRECISION_MIN_TOP1_AGREEMENT = 0.95  # fp16 / int8 vs float32 PyTorch, on real images
 VALIDATION_SEED = 0
 RANDOM_MODEL_NAME = "dynamicvit_deit_small"
 
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DynamicViT checkpoint (default: the built-in demo model; without it, "
                              f"a randomly initialised {RANDOM_MODEL_NAME}, labelled as such)")
     parser.add_argument("--model", "-m", default=None,
-                        help="architecture, only when the checkpoint does not record it (default: read from it)")
+                        help="architecture, only when the checkpoint does not record it (default: read from it); "
+                             "without --checkpoint: export that architecture with random weights, labelled as such")
     parser.add_argument("--keep", "-k", type=float, default=None,
                         help="keep ratio rho in (0, 1]; 1.0 exports the dense model (default: the checkpoint's "
                              "training keep ratio)")
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tocom-scale", type=float, default=None, help="ToCom scale s (default: the plugin's)")
     parser.add_argument("--fp16", action="store_true", help="also write a mixed-precision float16 ONNX (and engine)")
     parser.add_argument("--int8", action="store_true", help="INT8 with explicit Q/DQ (needs --calib-data)")
-    parser.add_argument("--calib-data", type=Path, default=None, help="calibration images for --int8")
+    parser.add_argument("--calib-data", default=None,
+                        help="calibration images for --int8: an image folder, a .npy/.npz file, or 'demo' (default: none)")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--batch-size", "-b", type=positive_int, default=1, help="static batch size (default: 1)")
     batch.add_argument("--dynamic-batch", type=parse_batch_profile, default=None, metavar="MIN,OPT,MAX",
@@ -98,13 +101,14 @@ class ExportSubject:
     notes: list[str]
     rho_train: float | None  # the keep ratio the model was trained at, when known (ToCom needs it)
     real_images: dict[str, torch.Tensor]  # named real image sets to validate on (may be empty)
+    metadata: dict | None = None  # the checkpoint's entries besides weights (training config: data spec)
 
 
 def load_subject(args: argparse.Namespace) -> ExportSubject:
-    """The checkpoint, else the shipped demo model, else a seeded random model (labelled)."""
+    """The checkpoint; else the demo model (unless --model names an architecture); else seeded random weights."""
     if args.checkpoint is not None:
         subject = subject_from_checkpoint(args.checkpoint, args.checkpoint.stem, args.model, {})
-    elif (demo := demo_subject()) is not None:
+    elif args.model is None and (demo := demo_subject()) is not None:
         subject = demo
     else:
         torch.manual_seed(VALIDATION_SEED)  # the same random weights on every run: byte-identical re-exports
@@ -120,7 +124,7 @@ def load_subject(args: argparse.Namespace) -> ExportSubject:
 def subject_from_checkpoint(path: Path, label: str, model_name: str | None, real_images: dict) -> ExportSubject:
     loaded = load_dynamicvit(path, model_name=model_name)
     rho_train = loaded.model.keep_ratio if loaded.keep_ratio_known else None
-    return ExportSubject(loaded.model, label, False, loaded.notes, rho_train, real_images)
+    return ExportSubject(loaded.model, label, False, loaded.notes, rho_train, real_images, loaded.metadata)
 
 
 def demo_subject(num_images: int = 32) -> ExportSubject | None:
@@ -220,8 +224,8 @@ def write_onnx(proto: onnx.ModelProto, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    if args.int8:
-        raise PipelineError("--int8 is not available yet: explicit Q/DQ calibration lands with the calibration stage")
+    if args.int8 and args.calib_data is None:
+        raise PipelineError("--int8 needs --calib-data (an image folder, a .npy/.npz file, or 'demo')")
     if args.opset < MIN_OPSET:
         raise PipelineError(f"--opset {args.opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
     if args.keep is not None and not 0.0 < args.keep <= 1.0:  # token counts are checked once the model is known
@@ -233,12 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason:
             raise PipelineError(f"--backend trt: {reason}; {INSTALL_HINT}")
 
-    steps = 3 + (args.gather == "plugin") + args.fp16 + (args.backend != "ort")
+    steps = 3 + (args.gather == "plugin") + args.fp16 + args.int8 + (args.backend != "ort")
     progress = Progress(steps)
     progress.step("loading the model")
     subject = load_subject(args)
     tocom = merge_tocom(subject, args.tocom, args.tocom_scale) if args.tocom else None
-    precision = "fp16" if args.fp16 else "fp32"
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
     out = args.out or Path("exports") / f"{subject.label}_keep{subject.model.keep_ratio:g}_{precision}"
     staging = prepare_output(out)
     try:
@@ -259,28 +263,34 @@ def export_all(args, subject: ExportSubject, tocom: dict | None, staging: Path, 
     low, opt, high = args.dynamic_batch or (args.batch_size,) * 3
     generator = torch.Generator().manual_seed(VALIDATION_SEED)
     image_shape = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    input_sets = {"random": torch.randn(opt, *image_shape, generator=generator), **subject.real_images}
+    input_sets = {RANDOM_INPUTS: torch.randn(opt, *image_shape, generator=generator), **subject.real_images}
     graph_options = dict(batch_size=opt, dynamic_batch=args.dynamic_batch is not None, opset=args.opset)
     artifacts, validation = [], {}
 
     def export_and_validate(flavour: str, precision: str, role: str, file_name: str) -> None:
-        deployed = deploy_copy(model, model.keep_ratio, precision)
-        graph = export_onnx(deployed, flavour, **graph_options)
+        graph = export_onnx(deploy_copy(model, model.keep_ratio, precision), flavour, **graph_options)
         debug = export_onnx(deploy_copy(model, model.keep_ratio, precision), flavour, with_indices=True, **graph_options)
+        publish_graph(graph, debug, precision, role, file_name)
+
+    def publish_graph(graph, debug, precision: str, role: str, file_name: str, **extra) -> None:
+        """Validate ``debug`` against PyTorch, check ``graph`` against ``debug``, then write ``graph``."""
         tolerance = FLOAT32_MAX_ABS_ERROR if precision == "fp32" else None
-        results = validate_graph(debug, model, input_sets, tolerance)
+        agreement = None if precision == "fp32" else REDUCED_PRECISION_MIN_TOP1_AGREEMENT
+        results = validate_graph(debug, model, input_sets, tolerance, agreement)
         failed = [r for r in results if not r.passed]
         if failed:
             r = failed[0]
             raise PipelineError(
                 f"validation of the {role} graph failed on {r.inputs} inputs: max abs error {r.max_abs_error:.3g} "
-                f"(limit {tolerance}), kept token sets identical: {r.kept_sets_identical}"
+                f"(limit {tolerance}), top-1 agreement {r.top1_agreement:.3f} (minimum {agreement}), "
+                f"kept token sets identical: {r.kept_sets_identical}, finite: {r.finite}"
             )
         # The shipped graph is the debug twin minus the index outputs: check it computes the same logits.
         twin_error = shipped_vs_debug(graph, debug, input_sets)
         if precision == "fp32" and twin_error > FLOAT32_MAX_ABS_ERROR:
             raise PipelineError(f"the shipped {role} graph disagrees with its validated debug twin ({twin_error:.3g})")
-        validation[role] = {"comparisons": [r.to_dict() for r in results], "shipped_vs_debug_max_abs": twin_error}
+        validation[role] = {"comparisons": [r.to_dict() for r in results], "shipped_vs_debug_max_abs": twin_error,
+                            **extra}
         write_onnx(graph, staging / file_name)
         artifacts.append({"path": file_name, "role": role, "sha256": sha256(staging / file_name)})
 
@@ -292,6 +302,21 @@ def export_all(args, subject: ExportSubject, tocom: dict | None, staging: Path, 
     if args.fp16:
         progress.step(f"exporting and validating the mixed float16 ONNX ({args.gather} selection)")
         export_and_validate(args.gather, "fp16", "onnx_fp16", f"model_{args.gather}_fp16.onnx")
+
+    if args.int8:
+        progress.step("calibrating and validating the INT8 ONNX (explicit Q/DQ)")
+        from calibration.data import load_calibration_data
+        from calibration.int8 import quantize_for_export, transplant_qdq
+
+        def float_graph(flavour: str, with_indices: bool = False) -> onnx.ModelProto:
+            return export_onnx(deploy_copy(model, model.keep_ratio), flavour, with_indices=with_indices, **graph_options)
+
+        images, calibration = load_calibration_data(args.calib_data, model, subject.metadata)
+        int8_native, report = quantize_for_export(float_graph("native"), images, method="auto", calibration_info=calibration)
+        # The same Q/DQ (scales included) onto the chosen flavour and its debug twin.
+        graph = int8_native if args.gather == "native" else transplant_qdq(int8_native, float_graph(args.gather))
+        debug = transplant_qdq(int8_native, float_graph(args.gather, with_indices=True))
+        publish_graph(graph, debug, "int8", "onnx_int8", f"model_{args.gather}_int8.onnx", int8=report)
 
     engine = None
     if args.backend != "ort":
@@ -326,7 +351,7 @@ def export_all(args, subject: ExportSubject, tocom: dict | None, staging: Path, 
                    "stages_before_blocks": list(model.config.pruning_locations)},
         "tie_rule": TIE_RULE,
         "tocom": tocom,
-        "precision": "fp16" if args.fp16 else "fp32",
+        "precision": ["fp32"] + ["fp16"] * args.fp16 + ["int8"] * args.int8,
         "gather": args.gather,
         "input": {"name": "images", "shape": ["batch", *image_shape], "dtype": "float32"},
         "batch": {"dynamic": args.dynamic_batch is not None, "min": low, "opt": opt, "max": high},

@@ -148,7 +148,8 @@ def test_build_writes_manifest_and_reexport_hashes_match(tmp_path, tiny_checkpoi
         (["--keep", "1.5"], "--keep must be in (0, 1]"),
         (["--keep", "0.05"], "keeps no patch token"),
         (["--model", "dynamicvit_deit_small"], "shape mismatches"),
-        (["--int8"], "--int8 is not available yet"),
+        (["--int8"], "--int8 needs --calib-data"),
+        (["--int8", "--calib-data", "/nonexistent/calibration"], "calibration"),
         (["--backend", "trt"], "--backend trt"),
     ],
 )
@@ -197,3 +198,20 @@ def test_tocom_is_merged_before_export_and_recorded(tmp_path, tiny_checkpoint):
     off_grid = run_build("--checkpoint", tiny_checkpoint, "--keep", "0.55", "--tocom", tmp_path / "tocom.safetensors",
                          "--out", tmp_path / "off")
     assert off_grid.returncode == 2 and "grid" in off_grid.stderr and "Traceback" not in off_grid.stderr
+
+
+def test_demo_model_is_the_default_and_int8_validates_on_its_test_images(tmp_path):
+    out = tmp_path / "demo"
+    result = run_build("--keep", "0.7", "--fp16", "--int8", "--calib-data", "demo", "--backend", "ort", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = manifest_of(out)
+    assert manifest["model"]["label"] == "demo" and not manifest["model"]["random_weights"]
+    assert {a["role"] for a in manifest["artifacts"]} == {"onnx", "onnx_fp16", "onnx_int8"}
+    assert manifest["precision"] == ["fp32", "fp16", "int8"]
+    by_inputs = {c["inputs"]: c for c in manifest["validation"]["onnx"]["comparisons"]}
+    assert by_inputs["demo-test"]["max_abs_error"] <= 1e-4 and by_inputs["demo-test"]["kept_sets_identical"]
+    for role in ("onnx_fp16", "onnx_int8"):
+        real = {c["inputs"]: c for c in manifest["validation"][role]["comparisons"]}["demo-test"]
+        assert real["finite"] and real["top1_agreement"] >= 0.95, (role, real)
+    calibration = json.dumps(manifest["validation"]["onnx_int8"]["int8"])
+    assert "hash" in calibration and "size" in calibration
