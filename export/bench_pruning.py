@@ -2,17 +2,21 @@
 
 For each keep ratio it times PyTorch eager inference and the exported ONNX on ONNX Runtime (CPU),
 batch sizes as given, against the dense model (keep 1.0) measured in the same run, and prints the
-latency ratios next to the analytic MACs ratio. Medians of repeated runs; writes a CSV. Weights are
+latency ratios next to the analytic MACs ratio. All cases of one batch size run round-robin, and each
+ratio is the median over rounds of (case / dense in the same round), which cancels the slow phases of a
+shared machine; writes a CSV. Weights are
 random (latency does not depend on them; the token counts are fixed by the keep ratio).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -26,15 +30,29 @@ from export.deploy import deploy_copy
 from export.onnx_export import export_onnx
 
 
-def median_ms(run, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        run()
-    samples = []
+def interleaved_times(runners: dict, warmup: int, repeats: int) -> dict[object, list[float]]:
+    """Milliseconds per run of every runner, taken round-robin so that a slow phase of a shared machine
+    hits every case alike (ratios within one round are what the comparison uses)."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times = {key: [] for key in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+        for key, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def ratio_to_dense(times: list[float], dense: list[float]) -> float:
+    """Median over rounds of (this case / dense in the same round)."""
+    return statistics.median(t / d for t, d in zip(times, dense))
+
+
+def run_eager(model, images: torch.Tensor) -> None:
+    with torch.inference_mode():
+        model.forward_pruned(images)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,33 +75,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = create_dynamicvit(args.model, keep_ratio=0.7).eval()
     shape = vit_shape(model)
     rows = []
+    keeps = [1.0, *args.keep]
     for batch in args.batch:
         images = torch.randn(batch, 3, *model.patch_embed.img_size)
-        for keep in [1.0, *args.keep]:
-            model.keep_ratio = keep  # eager: the model as users run it (timm's fused attention)
-            row = {"batch": batch, "keep": keep, "macs_g": analytic_macs(shape, keep) / 1e9}
+        runners = {}
+        for keep in keeps:
             if "pytorch" in args.frameworks:
-                with torch.inference_mode():
-                    row["pytorch_ms"] = median_ms(lambda: model.forward_pruned(images), args.warmup, args.repeats)
+                # Eager: the model as users run it (timm's fused attention), one copy per keep ratio.
+                eager = copy.deepcopy(model)
+                eager.keep_ratio = keep
+                runners["pytorch", keep] = partial(run_eager, eager, images)
             if "onnxruntime" in args.frameworks:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = args.threads
                 graph = export_onnx(deploy_copy(model, keep), batch_size=batch)
-                session = ort.InferenceSession(graph.SerializeToString(), options,
-                                               providers=["CPUExecutionProvider"])
-                feed = {"images": images.numpy()}
-                row["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), args.warmup, args.repeats)
+                session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                runners["onnxruntime", keep] = partial(session.run, None, {"images": images.numpy()})
+        print(f"  timing batch {batch}: {len(runners)} cases x {args.repeats} interleaved rounds", file=sys.stderr, flush=True)
+        times = interleaved_times(runners, args.warmup, args.repeats)
+        for keep in keeps:
+            row = {"batch": batch, "keep": keep, "macs_g": analytic_macs(shape, keep) / 1e9}
+            row["macs_ratio"] = row["macs_g"] / (analytic_macs(shape, 1.0) / 1e9)
+            for framework in args.frameworks:
+                row[f"{framework}_ms"] = statistics.median(times[framework, keep])
+                row[f"{framework}_ratio"] = ratio_to_dense(times[framework, keep], times[framework, 1.0])
             rows.append(row)
-            print(f"  batch {batch} keep {keep}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith("_ms")),
-                  file=sys.stderr, flush=True)
-    dense = {(r["batch"]): r for r in rows if r["keep"] == 1.0}
-    for row in rows:
-        base = dense[row["batch"]]
-        row["macs_ratio"] = row["macs_g"] / base["macs_g"]
-        for framework in args.frameworks:
-            row[f"{framework}_ratio"] = row[f"{framework}_ms"] / base[f"{framework}_ms"]
     print(f"\n{args.model} on {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, onnxruntime {ort.__version__}; medians of {args.repeats} runs")
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}; {args.repeats} interleaved rounds, "
+          "ms = median, ratio = median of per-round ratios to dense")
     header = ["batch", "keep", "macs_g", "macs_ratio"] + [f"{f}_{s}" for f in args.frameworks for s in ("ms", "ratio")]
     print("  ".join(f"{h:>16}" for h in header))
     for row in rows:
