@@ -66,6 +66,12 @@ class DynamicViTConfig:
         return cls(**known)
 
 
+# The timm VisionTransformer parts DynamicViT runs (parameter-free ones included), under timm's names.
+ADOPTED_BACKBONE_PARTS = (
+    "cls_token", "pos_embed", "patch_embed", "pos_drop", "norm_pre", "blocks", "norm", "fc_norm", "head_drop", "head",
+)
+
+
 class PredictionModule(nn.Module):
     """Scores patch tokens for keeping (reference name ``PredictorLG``; keys ``in_conv.*``, ``out_conv.*``).
 
@@ -185,16 +191,8 @@ class DynamicViT(nn.Module):
         self.num_classes = backbone.num_classes
         self.embed_dim = backbone.embed_dim
         # Same attribute names as timm and the reference: the state-dict keys stay the standard ones.
-        self.cls_token = backbone.cls_token
-        self.pos_embed = backbone.pos_embed
-        self.patch_embed = backbone.patch_embed
-        self.pos_drop = backbone.pos_drop
-        self.norm_pre = backbone.norm_pre
-        self.blocks = backbone.blocks
-        self.norm = backbone.norm
-        self.fc_norm = backbone.fc_norm
-        self.head_drop = backbone.head_drop
-        self.head = backbone.head
+        for name in ADOPTED_BACKBONE_PARTS:
+            setattr(self, name, getattr(backbone, name))
         depth = len(self.blocks)
         if not config.pruning_locations or any(not 0 < i < depth for i in config.pruning_locations):
             raise ValueError(f"pruning locations {config.pruning_locations} must lie in 1..{depth - 1}")

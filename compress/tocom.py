@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress.checkpoint import atomic_write
+from compress.cli import parse_number_list
 from compress.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def normalise_grid(grid: Sequence[float]) -> tuple[float, ...]:
 def parse_grid(text: str) -> tuple[float, ...]:
     """'1.0,0.9,0.8' (commas or spaces) -> a normalised grid."""
     try:
-        return normalise_grid([float(part) for part in text.replace(",", " ").split()])
+        return normalise_grid(parse_number_list(text))
     except ValueError:
         raise ToComError(f"expected keep ratios like '1.0,0.9,0.8', got {text!r}") from None
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 
 from compress import engine, tocom
 from compress.checkpoint import load_dynamicvit
+from compress.cli import number_list_argument
 from compress.data import DEMO_DATASET, DemoDigits, ShardSampler, build_datasets, build_loaders, image_folder_dataset, steps_per_epoch
 from compress.dynamicvit import DynamicViT
 from compress.errors import PipelineError
@@ -96,11 +97,7 @@ class ToComTrainResult:
 # ----------------------------------------------------------------------------- command line
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like '0.05,0.1', got {text!r}") from None
+_floats = number_list_argument(float, "0.05,0.1")
 
 
 def _grid(text: str) -> tuple[float, ...]:

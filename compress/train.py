@@ -30,6 +30,7 @@ from torch.utils.data import Subset
 
 from compress import engine
 from compress.checkpoint import atomic_torch_save, load_dynamicvit, read_checkpoint_file
+from compress.cli import number_list_argument
 from compress.data import DEMO_DATASET, build_datasets, build_loaders, build_mixup, steps_per_epoch
 from compress.dynamicvit import DynamicViT, DynamicViTConfig, create_dynamicvit, dynamicvit_from_config
 from compress.errors import CheckpointError, PipelineError
@@ -118,11 +119,7 @@ class TrainResult:
 # ----------------------------------------------------------------------------- command line
 
 
-def _locations(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block indices like '2,4,6', got {text!r}") from None
+_locations = number_list_argument(int, "2,4,6")  # block indices
 
 
 def _clip(text: str) -> float | None:
