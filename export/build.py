@@ -160,6 +160,10 @@ def prepare_output(out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists() and not out.is_dir():
             raise PipelineError(f"--out {out} exists and is not a folder")
+        if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+            # The finished export replaces --out as a whole: never do that to a folder we did not write.
+            raise PipelineError(f"--out {out} is a folder with other content (no manifest.json): "
+                                "choose a new or empty folder, or a previous export folder to replace")
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         staging.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
         return staging
@@ -237,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason:
             raise PipelineError(f"--backend trt: {reason}; {INSTALL_HINT}")
 
-    steps = 3 + (args.gather == "plugin") + args.fp16 + args.int8 + (args.backend != "ort")
+    steps = 2 + (args.gather == "plugin") + args.fp16 + args.int8 + (args.backend != "ort")
     progress = Progress(steps)
     progress.step("loading the model")
     subject = load_subject(args)

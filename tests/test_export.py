@@ -175,6 +175,20 @@ def test_corrupt_checkpoint_and_unwritable_out(tmp_path, tiny_checkpoint):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "corrupt.pth"]
 
 
+def test_out_folder_with_foreign_content_is_never_replaced(tmp_path, tiny_checkpoint):
+    precious = tmp_path / "work"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    result = run_build("--checkpoint", tiny_checkpoint, "--backend", "ort", "--out", precious)
+    assert result.returncode == 2 and "other content" in result.stderr and "Traceback" not in result.stderr
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    previous = tmp_path / "previous"  # a previous export folder is replaced whole
+    assert run_build("--checkpoint", tiny_checkpoint, "--backend", "ort", "--out", previous).returncode == 0
+    (previous / "stale.onnx").write_text("old artefact")
+    assert run_build("--checkpoint", tiny_checkpoint, "--backend", "ort", "--out", previous).returncode == 0
+    assert sorted(p.name for p in previous.iterdir()) == ["manifest.json", "model.onnx"]
+
+
 def test_tocom_is_merged_before_export_and_recorded(tmp_path, tiny_checkpoint):
     from compress.checkpoint import load_dynamicvit
     from compress.tocom import plugin_for_model, save_plugin
