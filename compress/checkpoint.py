@@ -204,7 +204,8 @@ def load_dynamicvit(
     return LoadedCheckpoint(model, notes, rest, keep_known)
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -218,7 +219,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp creates 0600; a saved file reads like any other
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600; a saved file reads like any other
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from typing import Sequence
 import onnx
 import torch
 
-from compress.checkpoint import load_dynamicvit
+from compress.checkpoint import current_umask, load_dynamicvit
 from compress.cli import run_cli
 from compress.dynamicvit import DynamicViT, create_dynamicvit
 from compress.errors import InvalidKeepRatio, PipelineError
@@ -154,7 +154,7 @@ def merge_tocom(subject: ExportSubject, plugin: Path, scale: float | None) -> di
     return merge_plugin_file(subject.model, plugin, subject.model.keep_ratio, scale)
 
 
-def prepare_output(out: Path) -> Path:
+def staging_folder_for(out: Path) -> Path:
     """A fresh temporary folder beside ``out``; one clear error when it cannot be written."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def prepare_output(out: Path) -> Path:
             raise PipelineError(f"--out {out} is a folder with other content (no manifest.json): "
                                 "choose a new or empty folder, or a previous export folder to replace")
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        staging.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; published, it reads like any other
         return staging
     except OSError as exc:
         raise PipelineError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tocom = merge_tocom(subject, args.tocom, args.tocom_scale) if args.tocom else None
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
     out = args.out or Path("exports") / f"{subject.label}_keep{subject.model.keep_ratio:g}_{precision}"
-    staging = prepare_output(out)
+    staging = staging_folder_for(out)
     try:
         manifest = export_all(args, subject, tocom, staging, progress)
         manifest["build_seconds"] = round(time.perf_counter() - started, 2)
