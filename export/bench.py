@@ -30,6 +30,7 @@ import numpy as np
 
 from compress.cli import run_cli
 from compress.errors import PipelineError
+from export.tensorrt_engine import tensorrt_unavailable_reason
 
 BACKENDS = ("ort-cpu", "ort-cuda", "trt", "pytorch-cpu", "pytorch-cuda")
 ONNX_SUFFIXES = (".onnx",)
@@ -145,12 +146,7 @@ def backend_availability() -> dict[str, str | None]:
     reasons["ort-cuda"] = None if cuda_provider and gpu else (
         "no CUDA GPU is visible" if not gpu else "this onnxruntime has no CUDAExecutionProvider")
     reasons["pytorch-cuda"] = None if gpu else "no CUDA GPU is visible"
-    try:
-        import tensorrt  # noqa: F401
-
-        reasons["trt"] = None if gpu else "no CUDA GPU is visible"
-    except ImportError:
-        reasons["trt"] = "TensorRT is not installed"
+    reasons["trt"] = tensorrt_unavailable_reason()  # the export stage's own check: one answer for both
     return reasons
 
 
