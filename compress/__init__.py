@@ -1,20 +1,30 @@
-"""compress: DynamicViT models and checkpoints, their training, masked fine-tuning and ToCom."""
-from compress.dynamicvit import (
-    REGISTERED_VARIANTS,
-    DynamicViT,
-    DynamicViTConfig,
-    create_dynamicvit,
-    dynamicvit_from_config,
-)
-from compress.token_select import TIE_RULE, keep_counts, select_tokens
+"""compress: token-reduction models and their checkpoints, training, masked fine-tuning and ToCom.
 
-__all__ = [
-    "REGISTERED_VARIANTS",
-    "TIE_RULE",
-    "DynamicViT",
-    "DynamicViTConfig",
-    "create_dynamicvit",
-    "dynamicvit_from_config",
-    "keep_counts",
-    "select_tokens",
-]
+The names below are imported on first use, so that the torch-free parts of the project (``compress.errors``,
+``compress.cli``, used by the target-side ``export.engine`` and ``export.bench`` on a Jetson without torch) can be
+imported without pulling in torch and timm.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY_NAMES = {
+    "REGISTERED_VARIANTS": "compress.dynamicvit",
+    "DynamicViT": "compress.dynamicvit",
+    "DynamicViTConfig": "compress.dynamicvit",
+    "create_dynamicvit": "compress.dynamicvit",
+    "dynamicvit_from_config": "compress.dynamicvit",
+    "TIE_RULE": "compress.token_select",
+    "keep_counts": "compress.token_select",
+    "select_tokens": "compress.token_select",
+}
+
+__all__ = sorted(_LAZY_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY_NAMES:
+        raise AttributeError(f"module 'compress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    globals()[name] = value
+    return value
