@@ -29,7 +29,7 @@ from compress.token_select import TIE_RULE
 from export.deploy import deploy_copy
 from export.onnx_export import MIN_OPSET, export_onnx
 from export.selection import SELECTION_FLAVOURS
-from export.validate import RANDOM_INPUTS, shipped_vs_debug, validate_graph
+from export.validate import RANDOM_INPUTS, pytorch_reference, shipped_vs_debug, validate_graph
 
 MANIFEST_SCHEMA = 1
 FLOAT32_MAX_ABS_ERROR = 1e-4  # ONNX Runtime vs PyTorch logits, float32 graphs
@@ -280,7 +280,7 @@ def export_all(args, subject: ExportSubject, tocom: dict | None, staging: Path, 
         """Validate ``debug`` against PyTorch, check ``graph`` against ``debug``, then write ``graph``."""
         tolerance = FLOAT32_MAX_ABS_ERROR if precision == "fp32" else None
         agreement = None if precision == "fp32" else REDUCED_PRECISION_MIN_TOP1_AGREEMENT
-        results = validate_graph(debug, model, input_sets, tolerance, agreement)
+        results = validate_graph(debug, lambda images: pytorch_reference(model, images), input_sets, tolerance, agreement)
         failed = [r for r in results if not r.passed]
         if failed:
             r = failed[0]
