@@ -46,8 +46,9 @@ class TokenGatherFunction(torch.autograd.Function):
             },
             outputs=2 if with_indices else 1,
         )
-        # Static output shapes keep the rest of the graph as static as the native flavour's.
-        batch, _, channels = tokens.type().sizes()
+        # Output shapes as static as the native flavour's: token count 1 + k and channels fixed, the batch
+        # fixed or symbolic (None, with --dynamic-batch). varyingSizes() gives None for each dynamic axis.
+        batch, _, channels = tokens.type().varyingSizes()
         kept = outputs[0] if with_indices else outputs
         kept.setType(tokens.type().with_sizes([batch, 1 + k, channels]))
         if with_indices:
