@@ -10,6 +10,8 @@ import sys
 import pytest
 
 import trt_plugins
+from compress.cli import EXIT_USER_ERROR, run_cli
+from compress.errors import PipelineError
 from trt_plugins import build as plugin_build
 
 TOKEN_GATHER_DIR = trt_plugins.PACKAGE_DIR / "token_gather"
@@ -86,7 +88,7 @@ def test_build_cli_reports_missing_tensorrt_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "trt_plugins.build", "--tensorrt-root", str(tmp_path),
                              "--build-dir", str(tmp_path / "build")],
                             capture_output=True, text=True, cwd=trt_plugins.PACKAGE_DIR.parent)
-    assert result.returncode == 1
+    assert result.returncode == EXIT_USER_ERROR
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "NvInfer.h" in lines[0]
@@ -94,7 +96,7 @@ def test_build_cli_reports_missing_tensorrt_in_one_line(tmp_path):
 
 def test_build_cli_reports_missing_cmake(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(plugin_build.shutil, "which", lambda name: None)
-    assert plugin_build.main(["--build-dir", str(tmp_path)]) == 1
+    assert run_cli(plugin_build.main, ["--build-dir", str(tmp_path)]) == EXIT_USER_ERROR
     assert capsys.readouterr().err.startswith("error: cmake not found")
 
 
@@ -103,3 +105,59 @@ def test_library_path_and_load_error_without_a_build(tmp_path, monkeypatch):
     assert trt_plugins.library_path("dynamic", tmp_path).name == "libtoken_gather_plugin_dynamic.so"
     with pytest.raises(trt_plugins.PluginNotBuiltError, match="python -m trt_plugins.build"):
         trt_plugins.load_plugin_library(tmp_path)
+
+
+def test_preflight_names_both_builds_and_the_build_command_when_none_exists(tmp_path, monkeypatch):
+    monkeypatch.delenv(trt_plugins.LIBRARY_ENV, raising=False)
+    with pytest.raises(PipelineError) as caught:
+        trt_plugins.find_plugin_library(tmp_path)
+    message = str(caught.value)
+    assert isinstance(caught.value, trt_plugins.PluginNotBuiltError) and "\n" not in message
+    assert f"`python -m trt_plugins.build --build-dir {tmp_path}`" in message
+    assert all(name in message for name in trt_plugins.LIBRARY_NAMES.values())
+
+    def preflight_cli(argv):  # what an export stage does first when the plugin flavour is asked for
+        trt_plugins.find_plugin_library(tmp_path)
+
+    assert run_cli(preflight_cli) == EXIT_USER_ERROR  # one error line, exit code 2
+
+
+@pytest.mark.parametrize("registration", ["static", "dynamic"])
+def test_preflight_accepts_either_registration_build(tmp_path, monkeypatch, registration):
+    monkeypatch.delenv(trt_plugins.LIBRARY_ENV, raising=False)
+    built = trt_plugins.library_path(registration, tmp_path)
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"\x7fELF")
+    assert trt_plugins.find_plugin_library(tmp_path) == trt_plugins.PluginLibrary(built, registration)
+
+
+def test_preflight_prefers_the_self_registering_build_and_honours_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(trt_plugins.LIBRARY_ENV, raising=False)
+    for registration in trt_plugins.LIBRARY_NAMES:
+        path = trt_plugins.library_path(registration, tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x7fELF")
+    assert trt_plugins.find_plugin_library(tmp_path).registration == "static"
+    chosen = tmp_path / "elsewhere.so"
+    monkeypatch.setenv(trt_plugins.LIBRARY_ENV, str(chosen))
+    with pytest.raises(trt_plugins.PluginNotBuiltError, match="elsewhere.so"):  # the user's path, nothing else
+        trt_plugins.find_plugin_library()
+    chosen.write_bytes(b"\x7fELF")
+    assert trt_plugins.find_plugin_library() == trt_plugins.PluginLibrary(chosen, "static")
+
+
+def test_a_library_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv(trt_plugins.LIBRARY_ENV, raising=False)
+    broken = trt_plugins.library_path("static", tmp_path)
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a shared object")
+    with pytest.raises(trt_plugins.PluginLoadError, match="python -m trt_plugins.build"):
+        trt_plugins.load_plugin_library(tmp_path)
+
+
+def test_trt_plugins_package_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; import trt_plugins, trt_plugins.build, "
+            "trt_plugins.ort_token_gather; assert 'torch' not in sys.modules or sys.modules['torch'] is None")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=trt_plugins.PACKAGE_DIR.parent)
+    assert result.returncode == 0, result.stderr

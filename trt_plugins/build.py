@@ -1,7 +1,7 @@
 """Build the TensorRT plugin libraries with CMake (`python -m trt_plugins.build --help`).
 
 A thin layer over CMake (trt_plugins/CMakeLists.txt) that checks the tools first, so a missing cmake, nvcc
-or TensorRT header is one clear line and a non-zero exit instead of a CMake backtrace.
+or TensorRT header is one ``error:`` line and exit code 2 instead of a CMake backtrace.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compress.cli import run_cli
+from compress.errors import PipelineError
 from trt_plugins import DEFAULT_BUILD_DIR, LIBRARY_NAMES, SOURCE_DIR
 
 DEFAULT_CUDA_ARCHS = "75;80;86;87;89;90"  # Turing .. Hopper, Jetson Orin = 87; same default as CMakeLists.txt
@@ -23,8 +25,8 @@ HEADER_DIRS = (  # where packages put NvInfer.h when no --tensorrt-root is given
 )
 
 
-class BuildError(RuntimeError):
-    """A build step failed; the message is the one line shown to the user."""
+class BuildError(PipelineError):
+    """A missing tool or a failed build step; the message is the one line shown to the user."""
 
 
 def find_nvcc() -> str | None:
@@ -87,7 +89,10 @@ def build(tensorrt_root: str | None, cuda_archs: str, build_dir: Path, jobs: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trt_plugins.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trt_plugins.build",
+        description="Configure and build the TokenGather TensorRT plugin libraries (both registration builds) "
+                    "with CMake.")
     parser.add_argument("--tensorrt-root", metavar="DIR",
                         help="TensorRT install root with include/NvInfer.h (default: $TensorRT_ROOT, then the "
                              "system include dirs)")
@@ -98,18 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, help="parallel build jobs (default: CMake's)")
     parser.add_argument("--build-type", default="Release", help="CMake build type (default: Release)")
     args = parser.parse_args(argv)
-    try:
-        libraries = build(args.tensorrt_root, args.cuda_archs, args.build_dir.resolve(), args.jobs, args.build_type)
-    except BuildError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    libraries = build(args.tensorrt_root, args.cuda_archs, args.build_dir.resolve(), args.jobs, args.build_type)
     for library in libraries:
         print(f"built {library}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
