@@ -1,90 +1,324 @@
-"""The TensorRT boundary: every TensorRT call of the export stage, imported lazily.
+"""The TensorRT boundary: every TensorRT call of the project, imported lazily; and the pure decisions around it.
 
-Nothing else in the project imports tensorrt, so export works (ONNX + ONNX Runtime) without it.
-Precision by version (SPEC section 4): TensorRT >= 11 has no weak-typing precision flags, so a float16
-engine is built strongly typed from the mixed-precision ONNX; TensorRT 10.x builds it from the float32
-ONNX with the builder's FP16 flag.
+Nothing else in the project imports tensorrt (``export.engine`` reaches it only through this module), so
+export and every check on ONNX Runtime work without it. The decisions (which ONNX, which network and builder
+flags per TensorRT version, the trtexec command lines, whether an engine may run here, where the timing cache
+lives) are pure functions over plain values, tested without TensorRT.
+
+Precision (TensorRT Developer Guide, "Strongly Typed Networks" and "Explicit Quantization", 10.x and 11.x; the
+10.x -> 11.x migration guide): a strongly typed network takes every tensor's type from the ONNX graph, and
+TensorRT 10.x supports it through ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (trtexec ``--stronglyTyped``);
+TensorRT 11.x removed the weak-typing precision flags (FP16, INT8 builder flags, trtexec --fp16/--int8) and
+builds every network strongly typed. So every engine here is built strongly typed, on both versions, from the
+very graph that was validated: float16 from the mixed float16 ONNX (its float32 islands - LayerNorm, the
+attention softmax, the prediction modules whose scores choose the tokens - stay float32), INT8 from the
+explicit Q/DQ ONNX (the guide: "use explicit quantization with strong typing; precision-control build flags are
+not required and should not be specified"). No precision builder flag is ever set.
+
+TF32 is off for every engine: polygraphy's CreateConfig clears it by default and we keep that on purpose. The
+float32 engine is the bit-faithful deployment and the float32 islands of the mixed graphs exist to keep full
+precision where token choice is decided; TF32 (10-bit mantissa) in their matrix products would undo both. The
+float32 engine is therefore held to ``ENGINE_FLOAT32_MAX_ABS_ERROR`` (see export.compare).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+import re
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from compress.errors import PipelineError
+from export.environment import INSTALL_HINT, tensorrt_major, tensorrt_unavailable_reason
 
-INSTALL_HINT = (
-    "install TensorRT's Python bindings (pip install -e '.[trt]' on a desktop GPU machine; on Jetson use "
-    "JetPack's python3-libnvinfer) and run on a machine with an NVIDIA GPU"
-)
+__all__ = ["INSTALL_HINT", "EnginePlan", "TensorRTError", "TensorRTRunner", "build_engine", "plan_engine",
+           "portability_problem", "tensorrt_unavailable_reason", "timing_cache_path", "trtexec_commands"]
+
+PRECISION_ROLES = {"fp32": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}  # the validated graph per precision
+TRTEXEC_TENSORRT_VERSIONS = ("10.3", "11")  # JetPack 6 and the current desktop / JetPack 7 major
 
 
-def tensorrt_unavailable_reason() -> str | None:
-    """None when an engine can be built here, else why not (in words a user can act on)."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "TensorRT is not installed"
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible"
-    except ImportError:
-        pass
-    return None
+class TensorRTError(PipelineError):
+    """An engine that cannot be built, loaded or run here."""
 
 
 @dataclass(frozen=True)
 class EnginePlan:
-    onnx_path: Path  # which ONNX the engine is built from
+    """How one engine is built: from which graph, with which network flags and builder settings."""
+
+    precision: str  # fp32 | fp16 | int8
+    onnx_role: str  # the manifest role of the graph it is built from
     strongly_typed: bool
-    fp16_flag: bool
-    tensorrt_version: str
+    network_flags: tuple[str, ...]  # NetworkDefinitionCreationFlag names to set
+    builder_flags: tuple[str, ...]  # BuilderFlag names to set (never a precision flag)
+    tf32: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
-def plan_engine(onnx_fp32: Path, onnx_fp16: Path | None, fp16: bool) -> EnginePlan:
-    """Choose the ONNX and the typing mode for this TensorRT version."""
-    import tensorrt as trt
+def plan_engine(tensorrt_version: str, precision: str, gather: str = "native") -> EnginePlan:
+    """The build decisions for a TensorRT version, a precision and a token-selection flavour (pure).
 
-    major = int(trt.__version__.split(".")[0])
-    if fp16 and major >= 11:
-        if onnx_fp16 is None:
-            raise PipelineError("TensorRT >= 11 needs the float16 ONNX for --fp16 (it has no FP16 builder flag)")
-        return EnginePlan(onnx_fp16, True, False, trt.__version__)
-    return EnginePlan(onnx_fp32, major >= 11, fp16, trt.__version__)
+    10.x: STRONGLY_TYPED must be requested; 11.x: every network is strongly typed (the flag is redundant and
+    not passed). float32 with the TokenGather plugin builds from the plugin graph; reduced precision uses the
+    flavour the reduced graph was exported with.
+    """
+    major = tensorrt_major(tensorrt_version)
+    if major < 10:
+        raise TensorRTError(f"TensorRT {tensorrt_version} is older than 10.0 (no IPluginV3, no strongly typed "
+                            "ONNX parsing of this graph): use TensorRT 10.3 (JetPack 6) or newer")
+    if precision not in PRECISION_ROLES:
+        raise TensorRTError(f"unknown precision {precision!r} (one of {', '.join(PRECISION_ROLES)})")
+    role = "onnx_plugin" if precision == "fp32" and gather == "plugin" else PRECISION_ROLES[precision]
+    return EnginePlan(precision=precision, onnx_role=role, strongly_typed=True,
+                      network_flags=("STRONGLY_TYPED",) if major == 10 else (), builder_flags=(), tf32=False)
 
 
-def build_engine(
-    plan: EnginePlan,
-    engine_path: Path,
-    batch_profile: tuple[int, int, int],
-    image_shape: tuple[int, int, int],
-    timing_cache: Path,
-    plugin: bool,
-) -> dict:
-    """Build and save an engine through polygraphy's loaders; returns facts for the manifest."""
-    import tensorrt as trt
-    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
+def portability_problem(built: dict, here: dict) -> str | None:
+    """Why an engine built with ``built`` facts must not run on a machine with ``here`` facts (None: it may).
 
-    if plugin:
-        import trt_plugins
+    By default a serialized engine runs only with the TensorRT version and on the GPU model it was built for
+    (TensorRT Developer Guide, on engine compatibility). Both dicts hold "tensorrt",
+    "gpu" and "compute_capability" as ``export.environment.target_facts`` gives them.
+    """
+    problems = []
+    if built.get("tensorrt") != here.get("tensorrt"):
+        problems.append(f"TensorRT {built.get('tensorrt')} (here: {here.get('tensorrt')})")
+    if built.get("compute_capability") != here.get("compute_capability") or built.get("gpu") != here.get("gpu"):
+        problems.append(f"GPU {built.get('gpu')} with compute capability {built.get('compute_capability')} "
+                        f"(here: {here.get('gpu')}, {here.get('compute_capability')})")
+    if not problems:
+        return None
+    return ("engine built for " + " and ".join(problems) + "; engines are not portable: rebuild it here with "
+            "python -m export.engine EXPORT_DIR")
 
-        trt_plugins.load_plugin_library()
-    low, opt, high = batch_profile
-    profile = Profile().add("images", min=(low, *image_shape), opt=(opt, *image_shape), max=(high, *image_shape))
-    network = NetworkFromOnnxPath(str(plan.onnx_path), strongly_typed=plan.strongly_typed or None)
-    config = CreateConfig(
-        fp16=plan.fp16_flag or None,
-        profiles=[profile],
-        load_timing_cache=str(timing_cache) if timing_cache.exists() else None,
-    )
+
+def timing_cache_path(folder: Path, facts: dict) -> Path:
+    """A timing cache per TensorRT version and GPU: timings measured on one do not hold on another."""
+    def slug(text) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "-", str(text)).strip("-") or "unknown"
+
+    return Path(folder) / (f".tensorrt_timing_{slug(facts.get('tensorrt'))}_{slug(facts.get('gpu'))}_"
+                           f"sm{slug(facts.get('compute_capability'))}.cache")
+
+
+def trtexec_commands(tensorrt_family: str, plan: EnginePlan, onnx_file: str, engine_file: str, input_name: str,
+                     image_shape: Sequence[int], batch: dict, plugin_library: str | None = None) -> dict[str, str]:
+    """The trtexec lines that build ``engine_file`` from ``onnx_file`` and time it, for "10.3" or "11" (pure).
+
+    10.3 needs --stronglyTyped and, for timing comparable with export.engine's device time, --useCudaGraph
+    --noDataTransfers --useSpinWait; 11.x is always strongly typed and times that way by default, so none of
+    these is passed there. --noTF32 matches the engines export.engine builds. The plugin library is the
+    self-registering build, loaded with --staticPlugins (with --setPluginsToSerialize a copy would travel
+    inside the engine; here the target loads it instead).
+    """
+    major = tensorrt_major(tensorrt_family)
+    shape = "x".join(str(d) for d in image_shape)
+    profile = [f"--minShapes={input_name}:{batch['min']}x{shape}", f"--optShapes={input_name}:{batch['opt']}x{shape}",
+               f"--maxShapes={input_name}:{batch['max']}x{shape}"] if batch.get("dynamic") else []
+    common = [f"--staticPlugins={plugin_library}"] if plugin_library else []
+    typing = ["--stronglyTyped"] if major == 10 and plan.strongly_typed else []
+    tf32 = [] if plan.tf32 else ["--noTF32"]
+    build = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine_file}", *typing, *tf32, *profile, *common,
+             "--skipInference"]
+    timing_shape = [f"--shapes={input_name}:{batch['opt']}x{shape}"] if batch.get("dynamic") else []
+    timing_flags = ["--useCudaGraph", "--noDataTransfers", "--useSpinWait"] if major == 10 else []
+    timing = ["trtexec", f"--loadEngine={engine_file}", *timing_shape, *common, *timing_flags]
+    return {"build": " ".join(build), "time": " ".join(timing)}
+
+
+def trtexec_text(manifest: dict, plugin_library: str = "trt_plugins/build/token_gather/libtoken_gather_plugin.so") -> str:
+    """trtexec.txt: for every precision of an export folder, build and timing lines for TensorRT 10.3 and 11.x."""
+    lines = ["# trtexec command lines for this export folder, run from inside it (generated by export.build;",
+             "# python -m export.engine does the same and also checks the engine against the golden data).", ""]
+    files = {entry["role"]: entry["path"] for entry in manifest.get("artifacts", [])}
+    plugin = plugin_library if manifest.get("gather") == "plugin" else None
+    shape = manifest["input"]["shape"][1:]
+    for family in TRTEXEC_TENSORRT_VERSIONS:
+        lines.append(f"## TensorRT {family}{' (JetPack 6)' if family == '10.3' else ''}")
+        for precision in manifest.get("precision", []):
+            plan = plan_engine(family, precision, manifest.get("gather", "native"))
+            if plan.onnx_role not in files:
+                continue
+            engine_file = f"model_{precision}.trt{family}.engine"
+            commands = trtexec_commands(family, plan, files[plan.onnx_role], engine_file, manifest["input"]["name"],
+                                        shape, manifest["batch"], plugin)
+            lines += [f"# {precision}", commands["build"], commands["time"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- TensorRT itself (lazy imports)
+
+
+def _logger():
+    import tensorrt as trt  # optional dependency: present only on GPU machines
+
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def build_engine(plan: EnginePlan, onnx_path: Path, engine_path: Path, batch: dict, input_name: str,
+                 image_shape: Sequence[int], timing_cache: Path | None) -> dict:
+    """Build ``engine_path`` from ``onnx_path`` as ``plan`` says; returns the build facts for the manifest.
+
+    The caller loads the plugin library first when the graph has TokenGather nodes.
+    """
+    import tensorrt as trt  # optional dependency
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    shape = tuple(image_shape)
+    profile = Profile().add(input_name, min=(batch["min"], *shape), opt=(batch["opt"], *shape),
+                            max=(batch["max"], *shape))
+    # polygraphy sets STRONGLY_TYPED through strongly_typed=True; on 11.x the flag is accepted and redundant.
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed="STRONGLY_TYPED" in plan.network_flags or None)
+    config = CreateConfig(tf32=plan.tf32, profiles=[profile],
+                          load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None)
+    started = time.perf_counter()
     try:
-        SaveEngine(EngineFromNetwork(network, config, save_timing_cache=str(timing_cache)), str(engine_path))()
-    except Exception as exc:  # TensorRT reports build failures as generic exceptions
-        raise PipelineError(f"TensorRT engine build failed: {exc}") from None
-    return {
-        "tensorrt": trt.__version__,
-        "built_from": plan.onnx_path.name,
-        "strongly_typed": plan.strongly_typed,
-        "fp16_builder_flag": plan.fp16_flag,
-    }
+        serialized = EngineBytesFromNetwork(network, config,
+                                            save_timing_cache=str(timing_cache) if timing_cache else None)()
+    except Exception as exc:  # polygraphy reports parser and builder failures as its own exception types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+        raise TensorRTError(f"TensorRT could not build an engine from {onnx_path.name}: {first}") from None
+    engine_path.write_bytes(bytes(serialized))
+    return {"tensorrt": trt.__version__, "built_from": onnx_path.name, "plan": plan.to_dict(),
+            "build_seconds": round(time.perf_counter() - started, 2)}
+
+
+class CudaEvents:
+    """CUDA events on a stream, through the CUDA runtime library polygraphy already loaded (device time)."""
+
+    def __init__(self):
+        from polygraphy import cuda  # installed with the TensorRT extras; loads libcudart
+
+        self.runtime = cuda.wrapper().handle
+        self.start, self.end = ctypes.c_void_p(), ctypes.c_void_p()
+        self._check(self.runtime.cudaEventCreate(ctypes.byref(self.start)))
+        self._check(self.runtime.cudaEventCreate(ctypes.byref(self.end)))
+
+    @staticmethod
+    def _check(status: int) -> None:
+        if status != 0:
+            raise TensorRTError(f"CUDA event call failed with cudaError {status}")
+
+    def record(self, event: ctypes.c_void_p, stream: int) -> None:
+        self._check(self.runtime.cudaEventRecord(event, ctypes.c_void_p(stream)))
+
+    def elapsed_ms(self) -> float:
+        milliseconds = ctypes.c_float()
+        self._check(self.runtime.cudaEventSynchronize(self.end))
+        self._check(self.runtime.cudaEventElapsedTime(ctypes.byref(milliseconds), self.start, self.end))
+        return float(milliseconds.value)
+
+    def close(self) -> None:
+        for event in (self.start, self.end):
+            if event.value:
+                self.runtime.cudaEventDestroy(event)
+                event.value = None
+
+
+class TensorRTRunner:
+    """One engine, ready to run: ``runner(images) -> [outputs in the order of output_names]``.
+
+    Input and outputs live in device buffers that are reused while the batch stays the same; ``close()``
+    (or ``with``) releases the context, the buffers and the stream.
+    """
+
+    def __init__(self, engine_path: Path, output_names: Sequence[str] | None = None):
+        import tensorrt as trt  # optional dependency
+        from polygraphy import cuda
+
+        self.trt, self.cuda = trt, cuda
+        self.runtime = trt.Runtime(_logger())
+        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise TensorRTError(f"TensorRT could not load {engine_path} (built by another TensorRT version, for "
+                                "another GPU, or without the plugin library loaded)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        found = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.output_names = list(output_names) if output_names else found
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.Stream()
+        self.device_input = cuda.DeviceArray(dtype=np.float32)
+        self.device_outputs: dict[str, object] = {}
+        self.host_outputs: dict[str, np.ndarray] = {}
+        self.batch: int | None = None
+
+    def profile(self) -> tuple[int, int, int]:
+        """(MIN, OPT, MAX) batch of the engine's first optimisation profile."""
+        low, opt, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        return int(low[0]), int(opt[0]), int(high[0])
+
+    def _prepare(self, shape: tuple[int, ...]) -> None:
+        if self.batch == shape[0]:
+            return
+        low, _, high = self.profile()
+        if not low <= shape[0] <= high:
+            raise TensorRTError(f"batch {shape[0]} is outside the engine's profile {low}..{high}")
+        if not self.context.set_input_shape(self.input_name, shape):
+            raise TensorRTError(f"the engine does not accept input shape {shape}")
+        self.device_input.resize(shape)
+        self.context.set_tensor_address(self.input_name, self.device_input.ptr)
+        for name in self.output_names:
+            out_shape = tuple(self.context.get_tensor_shape(name))
+            dtype = self.trt.nptype(self.engine.get_tensor_dtype(name))
+            device = self.device_outputs.get(name) or self.cuda.DeviceArray(dtype=dtype)
+            device.resize(out_shape)
+            self.device_outputs[name] = device
+            self.host_outputs[name] = np.empty(out_shape, dtype=dtype)
+            self.context.set_tensor_address(name, device.ptr)
+        self.batch = shape[0]
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.ptr):
+            raise TensorRTError("TensorRT execution failed (see the TensorRT log above)")
+
+    def __call__(self, images: np.ndarray) -> list[np.ndarray]:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        self._prepare(images.shape)
+        self.device_input.copy_from(images, self.stream)
+        self._execute()
+        for name in self.output_names:
+            self.device_outputs[name].copy_to(self.host_outputs[name], self.stream)
+        self.stream.synchronize()
+        return [self.host_outputs[name].copy() for name in self.output_names]
+
+    def measure(self, images: np.ndarray, warmup: int, iterations: int) -> tuple[list[float], list[float]]:
+        """(device milliseconds by CUDA events around execution alone, end-to-end milliseconds with the
+        host-to-device and device-to-host copies and synchronisation) for ``iterations`` runs after ``warmup``."""
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        for _ in range(warmup):
+            self(images)
+        events = CudaEvents()
+        device, end_to_end = [], []
+        try:
+            for _ in range(iterations):
+                events.record(events.start, self.stream.ptr)
+                self._execute()
+                events.record(events.end, self.stream.ptr)
+                device.append(events.elapsed_ms())
+            for _ in range(iterations):
+                started = time.perf_counter()
+                self(images)
+                end_to_end.append((time.perf_counter() - started) * 1e3)
+        finally:
+            events.close()
+        return device, end_to_end
+
+    def close(self) -> None:
+        for array in [self.device_input, *self.device_outputs.values()]:
+            array.free()
+        self.device_outputs.clear()
+        self.stream.free()
+        self.context = self.engine = self.runtime = None
+
+    def __enter__(self) -> "TensorRTRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
