@@ -1,6 +1,6 @@
 /*
  * The names TensorRT and the ONNX parser use to find the TokenGather plugin. They must equal the Python
- * constants in trt_plugins/__init__.py (tests/test_trt_plugins_kernel.py checks that they do): the export
+ * constants in trt_plugins/__init__.py (tests/test_trt_plugins_build.py checks that they do): the export
  * stage writes them into the ONNX node, the parser looks the creator up by them.
  */
 #pragma once
