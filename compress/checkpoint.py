@@ -9,31 +9,18 @@ Loading never unpickles arbitrary objects (``weights_only=True``).
 """
 from __future__ import annotations
 
-import math
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from compress.dynamicvit import (
-    REGISTERED_VARIANTS,
-    DynamicViT,
-    DynamicViTConfig,
-    backbone_name_for,
-    default_pruning_locations,
-    dynamicvit_from_config,
-)
+from compress.dynamicvit import DEIT_HEAD_DIM, PREDICTOR_PREFIX, DynamicViTBase
 from compress.errors import CheckpointError, PipelineError
+from compress.files import atomic_write, current_umask
+from compress.models import DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, families, model_from_config, supported_models
 
-PREDICTOR_PREFIX = "score_predictor."
-# The reference's default keep ratio, used only when neither the checkpoint nor the caller names one.
-FALLBACK_KEEP_RATIO = 0.7
-# DeiT's rule (tiny 192/3, small 384/6, base 768/12): weights do not record the head count.
-DEIT_HEAD_DIM = 64
 _SHOW_KEYS = 5
 
 
@@ -41,7 +28,7 @@ _SHOW_KEYS = 5
 class LoadedCheckpoint:
     """A model built from a checkpoint, with what the loader had to assume or initialise."""
 
-    model: DynamicViT
+    model: DynamicViTBase
     notes: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)  # everything in the file besides weights and config
     keep_ratio_known: bool = True
@@ -79,50 +66,13 @@ def read_checkpoint_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     return weights, rest
 
 
-def _shape(weights: dict[str, torch.Tensor], key: str, path: str) -> tuple[int, ...]:
-    if key not in weights:
-        raise CheckpointError(f"{path} is not a ViT checkpoint: key '{key}' is missing")
-    return tuple(weights[key].shape)
-
-
 def infer_config(weights: dict[str, torch.Tensor], source: str = "checkpoint") -> DynamicViTConfig:
-    """The architecture a state dict describes, when its shapes determine it.
-
-    Registered DeiT variants are recognised by width, depth and patch size; other widths are
-    built as a generic timm ViT with the DeiT head rule (width / 64 heads), since weights do
-    not record the head count.
-    """
-    embed_dim, in_chans, patch, _ = _shape(weights, "patch_embed.proj.weight", source)
-    pos_tokens = _shape(weights, "pos_embed", source)[1]
-    grid = math.isqrt(pos_tokens - 1)
-    if grid * grid != pos_tokens - 1:
-        raise CheckpointError(f"{source}: position embedding of {pos_tokens} tokens is not CLS + a square grid")
-    depth = 1 + max((int(k.split(".")[1]) for k in weights if k.startswith("blocks.")), default=-1)
-    if depth == 0:
-        raise CheckpointError(f"{source} is not a ViT checkpoint: it has no 'blocks.*' keys")
-    num_stages = len({k.split(".")[1] for k in weights if k.startswith(PREDICTOR_PREFIX)})
-    kwargs = {"img_size": grid * patch}
-    kwargs["num_classes"] = _shape(weights, "head.weight", source)[0] if "head.weight" in weights else 0
-    mlp_hidden = _shape(weights, "blocks.0.mlp.fc1.weight", source)[0]
-    known = {
-        (384 if name.endswith("small") else 192 if name.endswith("tiny") else 768): backbone
-        for name, backbone in REGISTERED_VARIANTS.items()
-    }
-    backbone = known.get(embed_dim) if (depth, patch, in_chans, mlp_hidden) == (12, 16, 3, 4 * embed_dim) else None
-    if backbone is None:
-        backbone = "vit_base_patch16_224"
-        kwargs.update(
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=max(1, embed_dim // DEIT_HEAD_DIM),
-            patch_size=patch,
-            in_chans=in_chans,
-            mlp_ratio=mlp_hidden / embed_dim,
-            qkv_bias="blocks.0.attn.qkv.bias" in weights,
-        )
-    kwargs = {k: v for k, v in kwargs.items() if not (k == "img_size" and v == 224) and not (k == "num_classes" and v == 1000)}
-    locations = default_pruning_locations(depth, num_stages or 3)
-    return DynamicViTConfig(backbone, kwargs, locations, FALLBACK_KEEP_RATIO)
+    """The architecture a state dict describes: the family that owns its keys reads the numbers."""
+    for candidate in families():
+        if candidate.owns(weights):
+            return candidate.infer_config(weights, source)
+    raise CheckpointError(f"{source} is not a checkpoint of a supported model ({_first(weights)} ...). "
+                          f"Supported: {supported_models()}")
 
 
 def _first(keys, limit: int = _SHOW_KEYS) -> str:
@@ -131,7 +81,7 @@ def _first(keys, limit: int = _SHOW_KEYS) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def check_weights_match(model: DynamicViT, weights: dict[str, torch.Tensor], source: str) -> bool:
+def check_weights_match(model: DynamicViTBase, weights: dict[str, torch.Tensor], source: str) -> bool:
     """Raise CheckpointError naming the first offending keys; return True when only predictors are missing."""
     expected = model.state_dict()
     missing = set(expected) - set(weights)
@@ -177,19 +127,19 @@ def load_dynamicvit(
         if model_name:
             # The name fixes the architecture; only image size and class count come from the weights.
             sizes = {k: v for k, v in inferred.backbone_kwargs.items() if k in ("img_size", "num_classes")}
-            config = DynamicViTConfig(backbone_name_for(model_name), sizes, inferred.pruning_locations, FALLBACK_KEEP_RATIO)
+            config = config_for(model_name, DEFAULT_KEEP_RATIO, inferred.pruning_locations, **sizes)
         else:
             config = inferred
-            if config.backbone == "vit_base_patch16_224":
+            if "num_heads" in config.backbone_kwargs and config.family == "deit" and config.backbone == "vit_base_patch16_224":
                 notes.append(
                     f"architecture read from weights; head count assumed width/{DEIT_HEAD_DIM} "
                     f"= {config.backbone_kwargs['num_heads']} (pass --model if that is wrong)"
                 )
     if keep_ratio is not None:
-        config = DynamicViTConfig(config.backbone, config.backbone_kwargs, config.pruning_locations, keep_ratio)
+        config = config.with_keep_ratio(keep_ratio)
         keep_known = True
     try:
-        model = dynamicvit_from_config(config)
+        model = model_from_config(config)
     except PipelineError:
         raise
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
@@ -204,34 +154,11 @@ def load_dynamicvit(
     return LoadedCheckpoint(model, notes, rest, keep_known)
 
 
-def current_umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_path)`` on a file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp creates 0600; a saved file reads like any other
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` through ``atomic_write``."""
     atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
-def save_dynamicvit(model: DynamicViT, path: str | os.PathLike, **metadata) -> None:
+def save_dynamicvit(model: DynamicViTBase, path: str | os.PathLike, **metadata) -> None:
     """Reference format (``{"model": state_dict}``) plus the config and any training metadata."""
     atomic_torch_save({"model": model.state_dict(), "config": model.config.to_dict(), **metadata}, path)

@@ -19,37 +19,22 @@ class VitShape:
     depth: int
     mlp_hidden: int
     num_patches: int
-    patch_size: int
-    in_chans: int
-    num_classes: int
     pruning_locations: tuple[int, ...]
+    stem_macs: int  # images -> patch tokens (a convolution, or LV-ViT's convolutional stem)
+    head_macs: int  # final tokens -> logits
 
 
 def vit_shape(model) -> VitShape:
-    """Read the shape off a ``compress.dynamicvit.DynamicViT``."""
-    first = model.blocks[0]
-    patch = model.patch_embed.proj
-    return VitShape(
-        embed_dim=model.embed_dim,
-        depth=len(model.blocks),
-        mlp_hidden=first.mlp.fc1.out_features,
-        num_patches=model.num_patches,
-        patch_size=patch.kernel_size[0],
-        in_chans=patch.in_channels,
-        num_classes=model.num_classes,
-        pruning_locations=tuple(model.config.pruning_locations),
-    )
+    """The shape of a model of any family (its ``cost_shape()``)."""
+    return model.cost_shape()
 
 
 def tokens_per_block(shape: VitShape, keep_ratio: float) -> list[int]:
     """Sequence length (CLS included) each block runs on."""
-    if keep_ratio >= 1.0:
-        return [shape.num_patches + 1] * shape.depth
-    counts = keep_counts(keep_ratio, shape.num_patches, len(shape.pruning_locations))
+    counts = dict(zip(shape.pruning_locations, keep_counts(keep_ratio, shape.num_patches, len(shape.pruning_locations))))
     lengths, current = [], shape.num_patches
     for index in range(shape.depth):
-        if index in shape.pruning_locations:
-            current = counts[shape.pruning_locations.index(index)]
+        current = counts.get(index, current)
         lengths.append(current + 1)
     return lengths
 
@@ -68,9 +53,8 @@ def predictor_macs(tokens: int, embed_dim: int) -> int:
 def analytic_macs(shape: VitShape, keep_ratio: float) -> int:
     """Total MACs of one image at ``keep_ratio`` (1.0: the dense backbone, no predictors)."""
     lengths = tokens_per_block(shape, keep_ratio)
-    total = shape.num_patches * shape.in_chans * shape.patch_size**2 * shape.embed_dim
-    total += sum(block_macs(n, shape.embed_dim, shape.mlp_hidden) for n in lengths)
-    if keep_ratio < 1.0:
+    total = shape.stem_macs + sum(block_macs(n, shape.embed_dim, shape.mlp_hidden) for n in lengths)
+    if keep_counts(keep_ratio, shape.num_patches, len(shape.pruning_locations)):
         # Each predictor scores the patch tokens still present before its block.
         total += sum(predictor_macs(lengths[i - 1] - 1, shape.embed_dim) for i in shape.pruning_locations)
-    return total + shape.embed_dim * shape.num_classes
+    return total + shape.head_macs

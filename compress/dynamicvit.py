@@ -9,7 +9,8 @@ checkpoints load strictly. Tensor shapes in docstrings are [batch, tokens, chann
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import replace
 from typing import Callable, NamedTuple
 
 import timm
@@ -18,19 +19,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from compress.errors import PipelineError
+from compress.complexity import VitShape
+from compress.errors import CheckpointError
+from compress.registry import (
+    DEFAULT_KEEP_RATIO,
+    DataConfig,
+    DynamicViTConfig,
+    Family,
+    ModelSpec,
+    UnknownModel,
+    create_model,
+    model_from_config,
+    register_family,
+    register_variant,
+    unknown_model,
+    variant,
+    variants,
+)
 from compress.token_select import keep_counts, masked_attention_softmax, select_tokens
 
-# timm backbone of each registered variant; any timm ViT with a CLS token can be wrapped too.
-REGISTERED_VARIANTS: dict[str, str] = {
-    "dynamicvit_deit_tiny": "deit_tiny_patch16_224",
-    "dynamicvit_deit_small": "deit_small_patch16_224",
-    "dynamicvit_deit_base": "deit_base_patch16_224",
-}
-
-
-class UnknownModel(PipelineError, ValueError):
-    """A model name that is neither a registered variant nor a timm model."""
+FAMILY = "deit"
 
 
 def default_pruning_locations(depth: int, num_stages: int = 3) -> tuple[int, ...]:
@@ -39,31 +47,6 @@ def default_pruning_locations(depth: int, num_stages: int = 3) -> tuple[int, ...
     if step < 1:
         raise ValueError(f"a depth-{depth} backbone is too shallow for {num_stages} pruning stages")
     return tuple(step * k for k in range(1, num_stages + 1))
-
-
-@dataclass(frozen=True)
-class DynamicViTConfig:
-    """Everything needed to rebuild a DynamicViT; travels inside checkpoints.
-
-    backbone: a timm model name; backbone_kwargs: overrides passed to ``timm.create_model``
-    (img_size, num_classes, embed_dim, ...); keep_ratio: the base ratio rho (stage k keeps
-    int(num_patches * rho**k) patch tokens); 1.0 runs the dense backbone without predictors.
-    """
-
-    backbone: str = "deit_small_patch16_224"
-    backbone_kwargs: dict = field(default_factory=dict)
-    pruning_locations: tuple[int, ...] = (3, 6, 9)
-    keep_ratio: float = 0.7
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "pruning_locations": list(self.pruning_locations)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "DynamicViTConfig":
-        known = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
-        if "pruning_locations" in known:
-            known["pruning_locations"] = tuple(int(i) for i in known["pruning_locations"])
-        return cls(**known)
 
 
 # The timm VisionTransformer parts DynamicViT runs (parameter-free ones included), under timm's names.
@@ -154,102 +137,79 @@ def block_forward(block: nn.Module, x: torch.Tensor, decision: torch.Tensor | No
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def check_backbone(backbone: nn.Module) -> None:
-    """Refuse timm models that DynamicViT's CLS-token pruning cannot run on."""
-    if not isinstance(backbone, VisionTransformer):
-        raise ValueError(f"DynamicViT needs a timm VisionTransformer, got {type(backbone).__name__}")
-    problems = []
-    if backbone.cls_token is None:
-        problems.append("it has no CLS token")
-    if getattr(backbone, "reg_token", None) is not None:
-        problems.append("it has register tokens")
-    if getattr(backbone, "no_embed_class", False):
-        problems.append("its position embedding excludes the CLS token")
-    if getattr(backbone, "dynamic_img_size", False):
-        problems.append("it uses dynamic image size")
-    if getattr(backbone, "attn_pool", None) is not None or backbone.global_pool != "token":
-        problems.append("it does not classify from the CLS token")
-    if problems:
-        raise ValueError("unsupported backbone for DynamicViT: " + "; ".join(problems))
+class DynamicViTBase(nn.Module):
+    """DynamicViT's method, independent of the backbone family.
 
-
-class DynamicViT(nn.Module):
-    """DynamicViT over a timm VisionTransformer.
-
-    Modifications to the backbone:
+    Modifications to a backbone (a family subclass provides the backbone's parts):
     - ``score_predictor``: one ``PredictionModule`` per stage, run before the blocks at ``pruning_locations``.
     - training (``forward_masked``): dropped tokens stay; hard Gumbel decisions, cumulative; attention masking.
     - inference (``forward_pruned``): top-k patch tokens per stage gathered behind CLS, plain attention;
-      ``token_selector`` does the selection and is swapped by the ONNX export for its graph flavours.
+      ``token_selector`` does the selection (the ONNX export passes its graph flavours).
+
+    A family subclass sets ``blocks`` (a sequence of blocks), ``norm`` (the final norm), ``embed_dim``,
+    ``num_classes`` and ``data_config`` (``embed_dim``, ``num_patches`` and the checks come from this
+    ``__init__``), and implements:
+    - ``embed(images [B, 3, H, W]) -> tokens [B, 1 + N, C]`` (CLS first, position embedding added);
+    - ``run_block(block, x [B, T, C], decision [B, T] | None) -> [B, T, C]``: with a decision, attention
+      masking (training); without, plain attention, through ``attention_forward`` when ``explicit_attention``
+      is set (the export's float32 softmax) or the backbone's own fused path;
+    - ``classify(tokens [B, T, C] final normed, patch_decision [B, T - 1] | None) -> logits [B, classes]``;
+    - ``image_shape`` (C, H, W); ``cost_shape()`` for the analytic MACs.
     """
 
-    def __init__(self, backbone: VisionTransformer, config: DynamicViTConfig):
+    def __init__(self, config: DynamicViTConfig, embed_dim: int, depth: int, num_patches: int):
         super().__init__()
-        check_backbone(backbone)
         self.config = config
-        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
-        self.num_classes = backbone.num_classes
-        self.embed_dim = backbone.embed_dim
-        # Same attribute names as timm and the reference: the state-dict keys stay the standard ones.
-        for name in ADOPTED_BACKBONE_PARTS:
-            setattr(self, name, getattr(backbone, name))
-        depth = len(self.blocks)
+        self.embed_dim = embed_dim
+        self.num_patches = num_patches
         if not config.pruning_locations or any(not 0 < i < depth for i in config.pruning_locations):
             raise ValueError(f"pruning locations {config.pruning_locations} must lie in 1..{depth - 1}")
         if list(config.pruning_locations) != sorted(set(config.pruning_locations)):
             raise ValueError(f"pruning locations {config.pruning_locations} must be strictly increasing")
-        self.score_predictor = nn.ModuleList(PredictionModule(self.embed_dim) for _ in config.pruning_locations)
+        self.score_predictor = nn.ModuleList(PredictionModule(embed_dim) for _ in config.pruning_locations)
+        self.explicit_attention = False  # set by the export: float32 softmax as plain MatMul/Softmax nodes
         self.keep_ratio = config.keep_ratio
         self.token_selector: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
         self.token_selector = select_tokens
 
     @property
-    def num_patches(self) -> int:
-        return self.patch_embed.num_patches
-
-    @property
     def keep_ratio(self) -> float:
+        """The keep ratio ``forward_pruned`` runs at when none is passed (the training keep ratio unless set)."""
         return self._keep_ratio
 
     @keep_ratio.setter
     def keep_ratio(self, value: float) -> None:
-        keep_counts(value, self.num_patches, len(self.config.pruning_locations))  # validates
+        self.stage_keep_counts(value)  # validates
         self._keep_ratio = float(value)
 
-    def stage_keep_counts(self) -> list[int]:
-        """Patch tokens kept after each stage at the current keep ratio (all of them when dense)."""
-        return keep_counts(self.keep_ratio, self.num_patches, len(self.config.pruning_locations))
+    @property
+    def num_stages(self) -> int:
+        return len(self.config.pruning_locations)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> tokens [B, 1 + N, C] (CLS first, position embedding added)."""
-        patches = self.patch_embed(images)
-        tokens = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
-        return self.norm_pre(self.pos_drop(tokens))
+    def stage_keep_counts(self, keep_ratio: float | None = None) -> list[int]:
+        """Patch tokens kept after each stage; [] for keep ratio 1.0 (the dense model has no pruning stage)."""
+        return keep_counts(self.keep_ratio if keep_ratio is None else keep_ratio, self.num_patches, self.num_stages)
 
-    def classify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final normed tokens [B, T, C] -> logits from the CLS token."""
-        return self.head(self.head_drop(self.fc_norm(tokens[:, 0])))
-
-    def forward_pruned(self, images: torch.Tensor, return_indices: bool = False):
+    def forward_pruned(self, images: torch.Tensor, return_indices: bool = False, keep_ratio: float | None = None):
         """Inference: keep the top-k patch tokens at every stage (keep ratio 1.0: the dense backbone).
 
         Returns logits [B, classes]; with ``return_indices`` also the kept patch positions of
         every stage, [B, k_stage] int64, mapped back to the original patch grid (row-major).
         """
         tokens = self.embed(images)
-        dense = self.keep_ratio >= 1.0
-        counts = iter(self.stage_keep_counts())
-        stages = dict(zip(self.config.pruning_locations, self.score_predictor))
+        counts = self.stage_keep_counts(keep_ratio)
+        stages = dict(zip(self.config.pruning_locations, zip(self.score_predictor, counts)))
         positions = torch.arange(self.num_patches, device=tokens.device).expand(tokens.shape[0], -1)
         kept_positions = []
         for index, block in enumerate(self.blocks):
-            if index in stages and not dense:
-                keep_scores = stages[index](tokens[:, 1:])[..., 0]
-                tokens, patch_indices = self.token_selector(tokens, keep_scores, next(counts))
+            if index in stages:
+                predictor, count = stages[index]
+                keep_scores = predictor(tokens[:, 1:])[..., 0]
+                tokens, patch_indices = self.token_selector(tokens, keep_scores, count)
                 if return_indices:
                     positions = torch.gather(positions, 1, patch_indices.long())
                     kept_positions.append(positions)
-            tokens = block(tokens)
+            tokens = self.run_block(block, tokens)
         logits = self.classify(self.norm(tokens))
         return (logits, kept_positions) if return_indices else logits
 
@@ -266,15 +226,16 @@ class DynamicViT(nn.Module):
                 log_probs = stages[index](tokens[:, 1:], patch_decision)
                 patch_decision = decide(log_probs, patch_decision, len(stage_decisions))
                 stage_decisions.append(patch_decision)
-            tokens = block_forward(block, tokens, torch.cat([cls_keep, patch_decision], dim=1))
+            tokens = self.run_block(block, tokens, torch.cat([cls_keep, patch_decision], dim=1))
         tokens = self.norm(tokens)
-        return MaskedForwardOutput(self.classify(tokens), tokens[:, 1:], patch_decision.detach(), stage_decisions)
+        logits = self.classify(tokens, patch_decision)
+        return MaskedForwardOutput(logits, tokens[:, 1:], patch_decision.detach(), stage_decisions)
 
     def forward_dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The unpruned backbone (the distillation teacher): logits and final normed patch tokens."""
         tokens = self.embed(images)
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens = self.run_block(block, tokens)
         tokens = self.norm(tokens)
         return self.classify(tokens), tokens[:, 1:]
 
@@ -282,32 +243,192 @@ class DynamicViT(nn.Module):
         return self.forward_masked(images) if self.training else self.forward_pruned(images)
 
 
-def backbone_name_for(name: str) -> str:
-    """The timm backbone behind a registered variant name, or ``name`` itself when it is a timm model."""
-    backbone_name = REGISTERED_VARIANTS.get(name, name)
-    if backbone_name not in timm.list_models():
-        raise UnknownModel(f"unknown model {name!r}: use one of {sorted(REGISTERED_VARIANTS)} or a timm ViT name")
-    return backbone_name
+def check_backbone(backbone: nn.Module) -> None:
+    """Refuse timm models that DynamicViT's CLS-token pruning cannot run on."""
+    if not isinstance(backbone, VisionTransformer):
+        raise UnknownModel(f"DynamicViT needs a ViT with a CLS token, got a {type(backbone).__name__}")
+    problems = []
+    if backbone.cls_token is None:
+        problems.append("it has no CLS token")
+    if getattr(backbone, "reg_token", None) is not None:
+        problems.append("it has register tokens")
+    if getattr(backbone, "no_embed_class", False):
+        problems.append("its position embedding excludes the CLS token")
+    if getattr(backbone, "dynamic_img_size", False):
+        problems.append("it uses dynamic image size")
+    if getattr(backbone, "attn_pool", None) is not None or backbone.global_pool != "token":
+        problems.append("it does not classify from the CLS token")
+    if problems:
+        raise UnknownModel("unsupported backbone for DynamicViT: " + "; ".join(problems))
 
 
-def create_dynamicvit(
-    name: str = "dynamicvit_deit_small",
-    keep_ratio: float = 0.7,
-    pruning_locations: tuple[int, ...] | None = None,
-    **backbone_kwargs,
-) -> DynamicViT:
-    """Build a DynamicViT by registered variant name or by any timm ViT name (randomly initialised).
+class DynamicViT(DynamicViTBase):
+    """DynamicViT over a timm ``VisionTransformer`` (the DeiT family).
 
-    backbone_kwargs go to ``timm.create_model`` (img_size, num_classes, drop_path_rate, embed_dim, ...).
+    Takes over the backbone's modules under timm's (and the reference's) names, so the state-dict keys
+    are the standard ones and released checkpoints load strictly.
     """
-    backbone_name = backbone_name_for(name)
-    backbone = timm.create_model(backbone_name, pretrained=False, **backbone_kwargs)
-    locations = tuple(pruning_locations) if pruning_locations else default_pruning_locations(len(backbone.blocks))
-    config = DynamicViTConfig(backbone_name, dict(backbone_kwargs), locations, keep_ratio)
+
+    def __init__(self, backbone: VisionTransformer, config: DynamicViTConfig):
+        check_backbone(backbone)
+        if not config.pruning_locations:  # a timm name without a spec: DeiT's spacing for its depth
+            config = replace(config, pruning_locations=default_pruning_locations(len(backbone.blocks)))
+        super().__init__(config, backbone.embed_dim, len(backbone.blocks), backbone.patch_embed.num_patches)
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+        self.num_classes = backbone.num_classes
+        for name in ADOPTED_BACKBONE_PARTS:
+            setattr(self, name, getattr(backbone, name))
+        mean, std = self.pretrained_cfg.get("mean"), self.pretrained_cfg.get("std")
+        self.data_config = DataConfig(self.image_shape, *((tuple(mean), tuple(std)) if mean and std else ()),
+                                      num_classes=self.num_classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.patch_embed.proj.in_channels, *self.patch_embed.img_size)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> tokens [B, 1 + N, C] (CLS first, position embedding added)."""
+        patches = self.patch_embed(images)
+        tokens = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
+        return self.norm_pre(self.pos_drop(tokens))
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, decision: torch.Tensor | None = None) -> torch.Tensor:
+        if decision is None and not self.explicit_attention:
+            return block(x)
+        return block_forward(block, x, decision)
+
+    def classify(self, tokens: torch.Tensor, patch_decision: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed tokens [B, T, C] -> logits from the CLS token."""
+        return self.head(self.head_drop(self.fc_norm(tokens[:, 0])))
+
+    def cost_shape(self) -> VitShape:
+        patch = self.patch_embed.proj
+        return VitShape(
+            embed_dim=self.embed_dim,
+            depth=len(self.blocks),
+            mlp_hidden=self.blocks[0].mlp.fc1.out_features,
+            num_patches=self.num_patches,
+            pruning_locations=tuple(self.config.pruning_locations),
+            stem_macs=self.num_patches * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * self.embed_dim,
+            head_macs=self.embed_dim * self.num_classes,
+        )
+
+
+# --- the DeiT family in the registry -------------------------------------------------------------------------
+
+
+def _deit_spec(name: str, backbone: str, embed_dim: int, num_heads: int, description: str,
+               overrides: dict | None = None) -> ModelSpec:
+    arch = {"embed_dim": embed_dim, "depth": 12, "num_heads": num_heads, "patch_size": 16, "mlp_hidden": 4 * embed_dim,
+            "img_size": 224, "in_chans": 3}
+    return ModelSpec(name, FAMILY, backbone, arch, default_pruning_locations(12), overrides or {},
+                     description=description)
+
+
+DEIT_VARIANTS = (
+    _deit_spec("dynamicvit_deit_tiny", "deit_tiny_patch16_224", 192, 3, "DeiT-Ti"),
+    # DeiT-256 is DeiT-Ti's recipe at width 256 (the reference's model zoo): width and heads are overrides.
+    _deit_spec("dynamicvit_deit_256", "deit_tiny_patch16_224", 256, 4, "DeiT-256",
+               {"embed_dim": 256, "num_heads": 4}),
+    _deit_spec("dynamicvit_deit_small", "deit_small_patch16_224", 384, 6, "DeiT-S"),
+    _deit_spec("dynamicvit_deit_base", "deit_base_patch16_224", 768, 12, "DeiT-B"),
+)
+# The built-in demo architecture: a small ViT on 64x64 images, 8x8 patches (64 patch tokens), depth 6, width 64,
+# prediction modules before blocks 1, 3, 5 (evenly spread, as 3/6/9 in depth 12); trained on scikit-learn's digits.
+DEMO_VARIANT = ModelSpec(
+    "demo-vit", FAMILY, "vit_small_patch16_224",
+    {"embed_dim": 64, "depth": 6, "num_heads": 2, "patch_size": 8, "mlp_hidden": 256, "img_size": 64, "in_chans": 3},
+    (1, 3, 5),
+    {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 2, "num_classes": 10},
+    data=DataConfig((3, 64, 64), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 10),
+    description="the demo ViT (64 px, digits)",
+)
+DEIT_HEAD_DIM = 64  # DeiT's rule (tiny 192/3, small 384/6, base 768/12): weights do not record the head count
+PREDICTOR_PREFIX = "score_predictor."
+
+
+def timm_backbone_name(name: str) -> str:
+    """The timm backbone behind ``name`` (a registered variant or a timm model name)."""
+    spec = variant(name)
+    if spec is not None and spec.family == FAMILY:
+        return spec.backbone
+    if name not in timm.list_models():
+        raise unknown_model(name)
+    return name
+
+
+def build_deit(config: DynamicViTConfig) -> DynamicViT:
+    """Build a DynamicViT over the timm backbone the config names (random weights)."""
+    try:
+        backbone = timm.create_model(timm_backbone_name(config.backbone), pretrained=False, **config.backbone_kwargs)
+    except (TypeError, AssertionError, RuntimeError) as exc:
+        raise UnknownModel(f"cannot build {config.backbone} with {config.backbone_kwargs}: {exc}") from None
+    if not isinstance(backbone, VisionTransformer):
+        raise unknown_model(f"{config.backbone} (a {type(backbone).__name__}, not a ViT)")
     return DynamicViT(backbone, config)
 
 
-def dynamicvit_from_config(config: DynamicViTConfig) -> DynamicViT:
+def is_timm_model(name: str) -> bool:
+    return name in timm.list_models()
+
+
+def owns_deit(weights: dict) -> bool:
+    return "patch_embed.proj.weight" in weights and "patch_embed.conv1.weight" not in weights
+
+
+def _shape(weights: dict, key: str, source: str) -> tuple[int, ...]:
+    if key not in weights:
+        raise CheckpointError(f"{source} is not a ViT checkpoint: key '{key}' is missing")
+    return tuple(weights[key].shape)
+
+
+def weights_arch(weights: dict, source: str) -> dict:
+    """The architecture numbers a timm-ViT state dict records (the head count is not among them)."""
+    embed_dim, in_chans, patch, _ = _shape(weights, "patch_embed.proj.weight", source)
+    pos_tokens = _shape(weights, "pos_embed", source)[1]
+    grid = math.isqrt(pos_tokens - 1)
+    if grid * grid != pos_tokens - 1:
+        raise CheckpointError(f"{source}: position embedding of {pos_tokens} tokens is not CLS + a square grid")
+    depth = 1 + max((int(k.split(".")[1]) for k in weights if k.startswith("blocks.")), default=-1)
+    if depth == 0:
+        raise CheckpointError(f"{source} is not a ViT checkpoint: it has no 'blocks.*' keys")
+    return {"embed_dim": embed_dim, "depth": depth, "patch_size": patch, "in_chans": in_chans,
+            "mlp_hidden": _shape(weights, "blocks.0.mlp.fc1.weight", source)[0], "img_size": grid * patch}
+
+
+def infer_deit_config(weights: dict, source: str = "checkpoint") -> DynamicViTConfig:
+    """The config a timm-ViT state dict describes: a registered variant when its numbers match one, else a
+    generic timm ViT with DeiT's head rule (width / 64 heads; reported by the loader)."""
+    arch = weights_arch(weights, source)
+    num_stages = len({k.split(".")[1] for k in weights if k.startswith(PREDICTOR_PREFIX)}) or 3
+    num_classes = _shape(weights, "head.weight", source)[0] if "head.weight" in weights else 0
+    qkv_bias = "blocks.0.attn.qkv.bias" in weights
+    for spec in variants(FAMILY):
+        if qkv_bias and all(spec.arch[k] == arch[k] for k in ("embed_dim", "depth", "patch_size", "mlp_hidden", "in_chans")):
+            sizes = {k: v for k, v in (("img_size", arch["img_size"]), ("num_classes", num_classes))
+                     if spec.backbone_kwargs.get(k, spec.arch.get(k, 1000)) != v}
+            return spec.config(DEFAULT_KEEP_RATIO, default_pruning_locations(arch["depth"], num_stages), **sizes)
+    kwargs = {
+        "img_size": arch["img_size"], "num_classes": num_classes, "embed_dim": arch["embed_dim"], "depth": arch["depth"],
+        "num_heads": max(1, arch["embed_dim"] // DEIT_HEAD_DIM), "patch_size": arch["patch_size"],
+        "in_chans": arch["in_chans"], "mlp_ratio": arch["mlp_hidden"] / arch["embed_dim"], "qkv_bias": qkv_bias,
+    }
+    return DynamicViTConfig("vit_base_patch16_224", kwargs, default_pruning_locations(arch["depth"], num_stages),
+                            DEFAULT_KEEP_RATIO, FAMILY)
+
+
+register_family(Family(FAMILY, build_deit, owns_deit, infer_deit_config,
+                       "timm ViT/DeiT models with a CLS token (any timm VisionTransformer name)", is_timm_model))
+for _spec in (*DEIT_VARIANTS, DEMO_VARIANT):
+    register_variant(_spec)
+
+
+def create_dynamicvit(name: str = "dynamicvit_deit_small", keep_ratio: float | None = None,
+                      pruning_locations: tuple[int, ...] | None = None, **backbone_kwargs) -> DynamicViTBase:
+    """``compress.registry.create_model`` (kept under its first name: any registered variant or timm ViT name)."""
+    return create_model(name, keep_ratio, pruning_locations, **backbone_kwargs)
+
+
+def dynamicvit_from_config(config: DynamicViTConfig) -> DynamicViTBase:
     """Rebuild the model a checkpoint's config describes (weights are loaded separately)."""
-    backbone = timm.create_model(backbone_name_for(config.backbone), pretrained=False, **config.backbone_kwargs)
-    return DynamicViT(backbone, config)
+    return model_from_config(config)

@@ -3,8 +3,8 @@
 - deterministic top-k at the chosen keep ratio (the training-time Gumbel path is never exported);
 - attention with an explicit float32 softmax instead of timm's fused kernel, so the ONNX graph is
   plain MatMul/Softmax and a float16 graph still normalises attention in float32;
-- optionally float16 ("mixed"): weights and activations in float16, with LayerNorm, the attention
-  softmax and the prediction modules (whose scores decide which tokens survive) kept in float32;
+- optionally float16 ("mixed"): weights and activations in float16, with the norms (LayerNorm, BatchNorm), the
+  attention softmax and the prediction modules (whose scores decide which tokens survive) kept in float32;
 The ToCom delta for (training keep ratio -> deploy keep ratio) is merged into the weights before this copy
 is made (``export.build.merge_tocom``), so the merged model is what gets exported and validated.
 """
@@ -15,27 +15,20 @@ import copy
 import torch
 import torch.nn as nn
 
-from compress.dynamicvit import DynamicViT, block_forward
+from compress.dynamicvit import DynamicViTBase
 from compress.errors import PipelineError
 
 PRECISIONS = ("fp32", "fp16")
 
 
-class ExportBlock(nn.Module):
-    """A timm block run through ``block_forward`` (explicit float32 softmax, no fused attention)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_forward(self.block, x)
+FLOAT32_NORMS = (nn.LayerNorm, nn.BatchNorm2d)
 
 
-class Float32LayerNorm(nn.Module):
-    """LayerNorm computed in float32 inside a float16 graph (fp16 variance overflows on ViT activations)."""
+class Float32Norm(nn.Module):
+    """A LayerNorm or BatchNorm computed in float32 inside a float16 graph (fp16 variance overflows on ViT
+    activations; a BatchNorm's folded scale can leave the float16 range)."""
 
-    def __init__(self, norm: nn.LayerNorm):
+    def __init__(self, norm: nn.Module):
         super().__init__()
         self.norm = norm.float()
 
@@ -58,25 +51,25 @@ class Float32Island(nn.Module):
         return self.module(x.float(), *args)
 
 
-def to_mixed_float16(model: DynamicViT) -> DynamicViT:
-    """Float16 weights and activations except LayerNorm, attention softmax and prediction modules."""
+def to_mixed_float16(model: DynamicViTBase) -> DynamicViTBase:
+    """Float16 weights and activations except norms, attention softmax and prediction modules."""
     model = model.half()
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.LayerNorm) and not isinstance(module, Float32LayerNorm):
-                setattr(module, child_name, Float32LayerNorm(child))
+            if isinstance(child, FLOAT32_NORMS) and not isinstance(module, Float32Norm):
+                setattr(module, child_name, Float32Norm(child))
     model.score_predictor = nn.ModuleList(Float32Island(p.module if isinstance(p, Float32Island) else p)
                                           for p in model.score_predictor)
     return model
 
 
-def deploy_copy(model: DynamicViT, keep_ratio: float, precision: str = "fp32") -> DynamicViT:
+def deploy_copy(model: DynamicViTBase, keep_ratio: float, precision: str = "fp32") -> DynamicViTBase:
     """An eval-mode copy of ``model`` ready for export at ``keep_ratio``; ``model`` is left unchanged."""
     if precision not in PRECISIONS:
         raise PipelineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     deployed = copy.deepcopy(model).eval()
     deployed.keep_ratio = keep_ratio
-    deployed.blocks = nn.Sequential(*(ExportBlock(b) for b in deployed.blocks))
+    deployed.explicit_attention = True  # float32 softmax as plain nodes, never a fused attention kernel
     for parameter in deployed.parameters():
         parameter.requires_grad_(False)
     return to_mixed_float16(deployed) if precision == "fp16" else deployed

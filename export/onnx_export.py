@@ -14,7 +14,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from compress.dynamicvit import DynamicViT
+from compress.dynamicvit import DynamicViTBase
 from compress.errors import PipelineError
 from export.selection import SELECTION_FLAVOURS, native_token_selector, plugin_token_selector
 
@@ -24,7 +24,7 @@ MIN_OPSET = 17  # LayerNormalization is one node from opset 17 on (fp16-safe on 
 class ExportGraph(nn.Module):
     """images -> logits (and kept positions) with a chosen selection flavour."""
 
-    def __init__(self, model: DynamicViT, flavour: str, with_indices: bool):
+    def __init__(self, model: DynamicViTBase, flavour: str, with_indices: bool):
         super().__init__()
         if flavour not in SELECTION_FLAVOURS:
             raise PipelineError(f"gather flavour must be one of {SELECTION_FLAVOURS}, got {flavour!r}")
@@ -46,7 +46,7 @@ def output_names(num_stages: int, with_indices: bool) -> list[str]:
 
 
 def export_onnx(
-    model: DynamicViT,
+    model: DynamicViTBase,
     flavour: str = "native",
     batch_size: int = 1,
     dynamic_batch: bool = False,
@@ -57,9 +57,8 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise PipelineError(f"opset {opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
     graph = ExportGraph(model, flavour, with_indices).eval()
-    size = model.patch_embed.img_size
-    images = torch.randn(batch_size, model.patch_embed.proj.in_channels, *size)
-    stages = 0 if model.keep_ratio >= 1.0 else len(model.config.pruning_locations)
+    images = torch.randn(batch_size, *model.image_shape)
+    stages = len(model.stage_keep_counts())
     names = output_names(stages, with_indices)
     dynamic_axes = {name: {0: "batch"} for name in ["images", *names]} if dynamic_batch else None
     buffer = io.BytesIO()
