@@ -1,25 +1,67 @@
-"""Shared command-line plumbing: user errors become one line on stderr and a non-zero exit."""
+"""Shared command-line plumbing: user errors become one line on stderr and a non-zero exit.
+
+Every CLI of this project keeps the same exit codes: 0 success, 2 bad input (one ``error:`` line, nothing
+written), 130 interrupted; a tool adds its own (a benchmark's "regression", a sweep's "no choice") as 1.
+This module stays free of torch: the target-side tools import it on machines without it.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import math
 import sys
 from typing import Callable, Sequence
 
 from compress.errors import PipelineError
 
+DISTRIBUTION = "vit-prune-deploy"
+EXIT_OK = 0
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a PipelineError prints ``error: <message>`` (no traceback) and returns 2."""
+    """Run ``main``; a PipelineError prints ``error: <message>`` (no traceback) and returns 2, Ctrl-C returns 130."""
     try:
-        return main(argv) or 0
+        return main(argv) or EXIT_OK
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: ...)" unless the help text already says what the default is; keeps the line breaks of
+    the description and the epilog (the exit-code table)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "(default" in text or action.default is argparse.SUPPRESS else super()._get_help_string(action)
+
+
+def exit_codes_epilog(*own: tuple[int, str]) -> str:
+    """The exit-code table a CLI's --help ends with; ``own``: (code, meaning) of the tool's own codes."""
+    codes = [(EXIT_OK, "success"), *own,
+             (EXIT_USER_ERROR, "bad input or options: one 'error: ...' line on stderr"),
+             (EXIT_INTERRUPTED, "interrupted (Ctrl-C)")]
+    return "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in sorted(codes))
+
+
+def package_version() -> str:
+    """This tool's installed version (the source tree's, when run from a checkout that is not installed)."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--version``: print ``<prog> <version>`` and exit 0."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                        help="print the tool's version and exit")
+    return parser
 
 
 def parse_number_list(text: str, convert: Callable[[str], float | int] = float) -> tuple:
@@ -37,3 +79,37 @@ def number_list_argument(convert: Callable[[str], float | int], example: str) ->
             raise argparse.ArgumentTypeError(f"expected numbers like '{example}', got {text!r}") from None
 
     return parse
+
+
+def bounded(convert: Callable[[str], float | int], low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> Callable[[str], float | int]:
+    """An argparse ``type``: a finite number in [low, high] (``low_open``: (low, high]); None leaves a side open.
+
+    Checked when the command line is parsed, so a bad value is refused before any work.
+    """
+    lower = "any" if low is None else f"{'(' if low_open else '['}{low:g}"
+    upper = "any" if high is None else f"{high:g}]"
+    domain = f"a number in {lower}, {upper}" if low is not None and high is not None else (
+        f"a number > {low:g}" if low_open else f"a number >= {low:g}" if low is not None else f"a number <= {high:g}")
+    if convert is int:
+        domain = domain.replace("a number", "an integer")
+
+    def parse(text: str) -> float | int:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {domain}, got {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {domain}, got {text!r}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = bounded(int, 1)
+non_negative_int = bounded(int, 0)
+positive_float = bounded(float, 0.0, low_open=True)
+keep_ratio_argument = bounded(float, 0.0, 1.0, low_open=True)
+fraction_argument = bounded(float, 0.0, 1.0)

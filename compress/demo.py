@@ -21,9 +21,9 @@ from typing import Sequence
 
 import torch
 
-from compress import engine
 from compress.checkpoint import atomic_torch_save, read_checkpoint_file
 from compress.data import demo_dataset  # noqa: F401  (re-exported for the export stage)
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog
 from compress.errors import PipelineError
 
 DEMO_MODELS_DIR = Path(__file__).resolve().parent / "demo_models"
@@ -49,7 +49,8 @@ def demo_loader(split: str = "test", batch_size: int = 64):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compress.demo", description=__doc__.splitlines()[0],
-                                     formatter_class=engine.HelpFormatter)
+                                     formatter_class=HelpFormatter, epilog=exit_codes_epilog())
+    add_version_argument(parser)
     add = parser.add_argument
     add("--out", "-o", default="runs/demo", help="folder of every run (base/, masked/, dynamicvit_<init>_<keep>/)")
     add("--base-epochs", type=int, default=DEFAULTS["base_epochs"], help="epochs of the full-image base")

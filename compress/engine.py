@@ -6,7 +6,6 @@ log. The method itself lives in ``compress.losses`` and ``compress.masked_ft``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -218,14 +217,6 @@ def evaluate(model: nn.Module, loader, keep_ratio: float, env: DistEnv, amp_dtyp
 
 
 # ----------------------------------------------------------------------------- output
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" unless the help text already says what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "(default" in text else super()._get_help_string(action)
 
 
 def prepare_output(folder: str | os.PathLike) -> Path:

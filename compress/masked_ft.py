@@ -1,4 +1,4 @@
-"""Masked fine-tuning of a full-image ViT before DynamicViT training (SPEC section 2).
+"""Masked fine-tuning of a full-image ViT before DynamicViT training.
 
 Method (Shi & Wang, arXiv 2310.17177; no public code): randomly drop image patches from the token sequence
 (MAE-like: removed, not zeroed) and train the model to classify from the patches that remain, so
@@ -62,10 +62,11 @@ def forward_randomly_masked(model, images: torch.Tensor, mask_ratio_min: float, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from compress.train import build_parser, config_from_args, train
+    from compress.train import build_parser, config_from_args, print_checkpoint_location, train
 
     args = build_parser(masked=True).parse_args(argv)
-    train(config_from_args(args, mode="masked"))
+    config = config_from_args(args, mode="masked")
+    print_checkpoint_location(train(config), config.epochs)
     return 0
 
 

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 
 from compress import engine, tocom
 from compress.checkpoint import load_dynamicvit
-from compress.cli import number_list_argument
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, number_list_argument
 from compress.data import DEMO_DATASET, DemoDigits, ShardSampler, build_datasets, build_loaders, image_folder_dataset, steps_per_epoch
 from compress.dynamicvit import DynamicViT
 from compress.errors import PipelineError
@@ -111,18 +111,11 @@ def _grid_text(values: Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" unless the help text already says what the default is."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        return text if "(default" in text else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = ToComTrainConfig()
     parser = argparse.ArgumentParser(prog="python -m compress.tocom_train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter, epilog=exit_codes_epilog())
+    add_version_argument(parser)
     io = parser.add_argument_group("model, data and output")
     io.add_argument("--checkpoint", "-c", default=None,
                     help="trained DynamicViT checkpoint (default: the shipped demo model, compress/demo_models/dynamicvit_demo.pth)")

@@ -1,4 +1,4 @@
-"""``python -m compress.train``: DynamicViT training (SPEC section 1), or plain training of the dense base.
+"""``python -m compress.train``: DynamicViT training (Rao et al., NeurIPS 2021), or plain training of the dense base.
 
 DynamicViT (default): a frozen teacher (the unpruned backbone: ``--teacher``, else a copy of
 ``--init``) distils into the student while the prediction modules learn to keep a fraction
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -30,7 +31,7 @@ from torch.utils.data import Subset
 
 from compress import engine
 from compress.checkpoint import atomic_torch_save, load_dynamicvit, read_checkpoint_file
-from compress.cli import number_list_argument
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, number_list_argument
 from compress.data import DEMO_DATASET, build_datasets, build_loaders, build_mixup, steps_per_epoch
 from compress.dynamicvit import DynamicViT, DynamicViTConfig, create_dynamicvit, dynamicvit_from_config
 from compress.errors import CheckpointError, PipelineError
@@ -133,8 +134,10 @@ def build_parser(masked: bool = False) -> argparse.ArgumentParser:
     prog = "python -m compress.masked_ft" if masked else "python -m compress.train"
     doc = (sys.modules["compress.masked_ft"].__doc__ if masked else __doc__) or ""
     parser = argparse.ArgumentParser(
-        prog=prog, description=doc.split("\n\n")[0], formatter_class=engine.HelpFormatter
+        prog=prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
+        epilog=exit_codes_epilog()
     )
+    add_version_argument(parser)
     add = parser.add_argument
     io = parser.add_argument_group("data and output")
     io.add_argument("--data", default=defaults.data,
@@ -545,8 +548,19 @@ def _train(cfg: TrainConfig, env: engine.DistEnv) -> TrainResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    train(config_from_args(args))
+    config = config_from_args(args)
+    print_checkpoint_location(train(config), config.epochs)
     return 0
+
+
+def print_checkpoint_location(result: TrainResult, epochs: int) -> None:
+    """The run's last line says where its weights went (main rank only: every torchrun rank returns here)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if result.epochs >= epochs:
+        print(f"checkpoint written to {result.out / MODEL_NAME}")
+    else:
+        print(f"stopped after epoch {result.epochs}: resumable checkpoint written to {result.out / CHECKPOINT_NAME}")
 
 
 if __name__ == "__main__":
