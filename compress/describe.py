@@ -1,4 +1,4 @@
-"""``python -m compress.inspect CHECKPOINT``: what a checkpoint holds and what it costs.
+"""``python -m compress.describe CHECKPOINT``: what a checkpoint holds and what it costs.
 
 Prints the architecture read from the checkpoint, the parameter count, the tokens kept at each
 pruning stage and the analytic MACs at the chosen keep ratio against the dense backbone.
@@ -10,28 +10,34 @@ import sys
 from typing import Sequence
 
 from compress.checkpoint import LoadedCheckpoint, load_dynamicvit
-from compress.cli import run_cli
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, keep_ratio_argument, run_cli
 from compress.complexity import analytic_macs, vit_shape
-from compress.dynamicvit import create_dynamicvit
+from compress.models import create_model
 from compress.token_select import TIE_RULE
+
+DEFAULT_MODEL = "dynamicvit_deit_small"  # described when neither a checkpoint nor --model is given
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m compress.inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m compress.describe", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter, epilog=exit_codes_epilog())
+    add_version_argument(parser)
     parser.add_argument("checkpoint", nargs="?", default=None, help="reference .pth ({'model': ...}), this project's checkpoint, "
                         "a plain state dict or a timm/DeiT backbone (.pth/.safetensors) "
-                        "(default: none; --model with random weights, labelled as such)")
+                        "(default: none: --model with random weights, labelled as such)")
     parser.add_argument("--model", "-m", default=None,
-                        help="architecture name when the checkpoint cannot tell it (default: read from the checkpoint)")
-    parser.add_argument("--keep", "-k", type=float, default=None,
-                        help="keep ratio rho (default: the checkpoint's training keep ratio)")
+                        help="architecture name when the checkpoint cannot tell it (default: read from the checkpoint; "
+                        f"without one, {DEFAULT_MODEL})")
+    parser.add_argument("--keep", "-k", type=keep_ratio_argument, default=None,
+                        help="keep ratio rho in (0, 1] (default: the checkpoint's training keep ratio, else the "
+                        "architecture's)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.checkpoint is None:
-        model = create_dynamicvit(args.model or "dynamicvit_deit_small", keep_ratio=args.keep or 0.7)
+        model = create_model(args.model or DEFAULT_MODEL, keep_ratio=args.keep)
         loaded = LoadedCheckpoint(model, ["no checkpoint given: random weights (architecture only)"])
     else:
         loaded = load_dynamicvit(args.checkpoint, model_name=args.model, keep_ratio=args.keep)

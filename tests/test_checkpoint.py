@@ -23,7 +23,7 @@ def tiny_state():
 
 
 def run_inspect(*args):
-    return subprocess.run([sys.executable, "-m", "compress.inspect", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "compress.describe", *map(str, args)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
