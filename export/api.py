@@ -1,0 +1,511 @@
+"""The export stage as a Python API: ``export_model(ExportRequest(...)) -> ExportResult``.
+
+``python -m export.build`` parses its flags into an ``ExportRequest`` and calls ``export_model``; so can any
+Python code (the keep-ratio sweep, tests, a notebook). One run:
+
+1. ``ExportRequest.check()``: every option and combination, before any work (keep ratio, opset, batch
+   profile, options that would do nothing, data sources, the plugin library, TensorRT when required);
+2. ``load_subject``: the checkpoint, else the demo model, else seeded random weights (labelled as such);
+   ToCom merged into a copy of its weights when asked (the caller's model is never modified);
+3. for each graph (float32 native, plugin flavour, float16, INT8): the method's deploy copy -> ONNX -> its
+   debug twin validated on ONNX Runtime against float32 PyTorch -> the shipped graph checked against the twin;
+4. golden data (validation inputs + PyTorch outputs) for re-checking on the target; an engine where TensorRT is;
+5. everything is written into a staging folder beside ``out`` and published only when all of it passed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+import trt_plugins
+from calibration.data import load_calibration_data
+from compress.images import check_image_source
+from calibration.int8 import quantize_for_export, transplant_qdq
+from compress.checkpoint import load_dynamicvit
+from compress.cli import package_version
+from compress.data import demo_dataset
+from compress.demo import demo_checkpoint_path
+from compress.dynamicvit import DynamicViTBase
+from compress.errors import InvalidKeepRatio, PipelineError
+from compress.files import current_umask
+from compress.models import create_model
+from compress.token_select import keep_counts
+from compress.tocom import merge_plugin_file
+from export.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
+from export.engine import build_and_check, with_engines
+from export.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
+from export.golden import debug_file_name, debug_role, sha256_of, write_golden
+from export.methods import DynamicViTExport
+from export.onnx_export import MIN_OPSET
+from export.selection import SELECTION_FLAVOURS
+from export.tensorrt_engine import write_trtexec
+from export.validate import shipped_vs_debug, validate_graph
+
+MANIFEST_SCHEMA = 2
+MANIFEST_NAME = "manifest.json"
+VALIDATION_SEED = 0
+RANDOM_MODEL_NAME = "dynamicvit_deit_small"
+DEMO_TEST_IMAGES = 32
+VALIDATION_IMAGES = 64  # real images drawn from --val-data (or the calibration data) for the agreement gate
+BACKENDS = ("auto", "trt", "ort")
+OWNER_FILE = ".owner"  # inside a staging folder: the pid of the export that writes it
+
+
+class ExportError(PipelineError):
+    """An export request that cannot be carried out as asked."""
+
+
+class ValidationFailed(ExportError):
+    """An exported graph disagreed with PyTorch beyond its criteria: nothing was written."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export and how; every field has the CLI's default. See ``python -m export.build --help``."""
+
+    checkpoint: Path | None = None
+    model: str | None = None
+    keep: float | None = None  # None: the checkpoint's training keep ratio
+    tocom: Path | None = None
+    tocom_scale: float | None = None
+    fp16: bool = False
+    int8: bool = False
+    calib_data: str | None = None
+    val_data: str | None = None
+    batch_size: int = 1
+    dynamic_batch: tuple[int, int, int] | None = None
+    opset: int = MIN_OPSET
+    gather: str = "native"
+    backend: str = "auto"
+    out: Path | None = None
+
+    @property
+    def batch_profile(self) -> tuple[int, int, int]:
+        return self.dynamic_batch or (self.batch_size,) * 3
+
+    @property
+    def precisions(self) -> list[str]:
+        return ["fp32"] + ["fp16"] * self.fp16 + ["int8"] * self.int8
+
+    def check(self) -> None:
+        """Refuse every bad or idle option before any work (one clear line each)."""
+        if self.keep is not None and not 0.0 < self.keep <= 1.0:
+            raise InvalidKeepRatio(f"--keep must be in (0, 1], got {self.keep}")
+        if self.opset < MIN_OPSET:
+            raise ExportError(f"--opset {self.opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
+        if self.batch_size < 1:
+            raise ExportError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.dynamic_batch is not None and not 1 <= self.dynamic_batch[0] <= self.dynamic_batch[1] <= self.dynamic_batch[2]:
+            raise ExportError(f"--dynamic-batch needs 1 <= MIN <= OPT <= MAX, got {self.dynamic_batch}")
+        if self.gather not in SELECTION_FLAVOURS:
+            raise ExportError(f"--gather must be one of {SELECTION_FLAVOURS}, got {self.gather!r}")
+        if self.backend not in BACKENDS:
+            raise ExportError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.tocom_scale is not None and self.tocom is None:
+            raise ExportError("--tocom-scale does nothing without --tocom (a ToCom plugin to merge)")
+        if self.tocom_scale is not None and not 0.0 < self.tocom_scale <= 10.0:
+            raise ExportError(f"--tocom-scale must be in (0, 10], got {self.tocom_scale}")
+        if self.tocom is not None and not Path(self.tocom).is_file():
+            raise ExportError(f"--tocom plugin not found: {self.tocom}")
+        if self.int8 and self.calib_data is None:
+            raise ExportError("--int8 needs --calib-data (an image folder, a .npy/.npz file, or 'demo')")
+        if self.calib_data is not None and not self.int8:
+            raise ExportError("--calib-data does nothing without --int8")
+        for flag, source in (("--calib-data", self.calib_data), ("--val-data", self.val_data)):
+            if source is not None:
+                try:
+                    check_image_source(source)
+                except PipelineError as exc:
+                    raise ExportError(f"{flag}: {exc}") from None
+        if self.checkpoint is not None and not Path(self.checkpoint).is_file():
+            raise ExportError(f"checkpoint not found: {self.checkpoint}")
+        if self.backend != "ort":
+            reason = tensorrt_unavailable_reason()
+            if reason and self.backend == "trt":
+                raise ExportError(f"--backend trt: {reason}; {INSTALL_HINT}")
+            if reason is None and self.gather == "plugin":
+                trt_plugins.find_plugin_library()  # before any work: a missing library names its build command
+
+
+# --- the subject: which model, with which weights -------------------------------------------------------------
+
+
+@dataclass
+class ExportSubject:
+    """What is exported and where it came from (the model itself is never modified by the export)."""
+
+    model: DynamicViTBase
+    label: str
+    source: str
+    random_weights: bool
+    notes: list[str]
+    rho_train: float | None  # the keep ratio the model was trained at, when known (ToCom needs it)
+    real_images: dict[str, torch.Tensor] = field(default_factory=dict)  # named real image sets
+    metadata: dict = field(default_factory=dict)  # the checkpoint's entries besides weights (its data spec)
+
+
+def subject_from_checkpoint(path: Path, label: str, model_name: str | None = None,
+                            real_images: dict | None = None) -> ExportSubject:
+    loaded = load_dynamicvit(path, model_name=model_name)
+    rho_train = loaded.model.keep_ratio if loaded.keep_ratio_known else None
+    return ExportSubject(loaded.model, label, str(path), False, loaded.notes, rho_train, real_images or {},
+                         loaded.metadata)
+
+
+def demo_subject(num_images: int = DEMO_TEST_IMAGES) -> ExportSubject:
+    """The shipped demo checkpoint, with the first images of its test split as real validation images."""
+    test = demo_dataset("test", random_placement=False)
+    images = torch.stack([test[i][0] for i in range(min(num_images, len(test)))])
+    return subject_from_checkpoint(Path(demo_checkpoint_path()), "demo", None, {"demo-test": images})
+
+
+def random_subject(model_name: str) -> ExportSubject:
+    torch.manual_seed(VALIDATION_SEED)  # the same random weights on every run: byte-identical re-exports
+    model = create_model(model_name)
+    return ExportSubject(model, f"{model_name}-random", f"{model_name} (random weights)", True, [], None)
+
+
+def load_subject(checkpoint: Path | None, model_name: str | None) -> ExportSubject:
+    """The checkpoint; else the demo model (unless a model is named); else that model with seeded random weights."""
+    if checkpoint is not None:
+        return subject_from_checkpoint(Path(checkpoint), Path(checkpoint).stem, model_name)
+    if model_name is None:
+        return demo_subject()
+    return random_subject(model_name)
+
+
+def with_tocom(subject: ExportSubject, plugin: Path, keep: float, scale: float | None) -> tuple[ExportSubject, dict]:
+    """A copy of the subject with ToCom(rho_train -> keep) folded into its qkv weights; and the manifest entry."""
+    if subject.rho_train is None:
+        raise ExportError("--tocom needs the keep ratio the model was trained at, and this checkpoint does not "
+                          "record it (use a checkpoint written by compress.train)")
+    model = copy.deepcopy(subject.model)
+    entry = merge_plugin_file(model, plugin, keep, scale)
+    return replace(subject, model=model), entry
+
+
+# --- validation inputs ------------------------------------------------------------------------------------------
+
+
+def validation_inputs(subject: ExportSubject, request: ExportRequest) -> tuple[dict[str, torch.Tensor], dict]:
+    """Seeded random images plus every real image set available; and what the manifest says about them.
+
+    Real images: the demo test split (demo model), ``--val-data``, else the calibration images of ``--int8``.
+    Reduced-precision graphs are judged by top-1 agreement on real images only.
+    """
+    generator = torch.Generator().manual_seed(VALIDATION_SEED)
+    opt = request.batch_profile[1]
+    inputs = {RANDOM_INPUTS: torch.randn(max(opt, 2), *subject.model.image_shape, generator=generator)}
+    inputs.update(subject.real_images)
+    sources = {name: "shipped with the model" for name in subject.real_images}
+    real_source = request.val_data or request.calib_data
+    if real_source is not None:
+        images, info = load_calibration_data(real_source, subject.model, subject.metadata, VALIDATION_IMAGES)
+        name = "val-data" if request.val_data else "calib-data"
+        inputs[name] = torch.from_numpy(images)
+        sources[name] = f"{info['source']} ({info['size']} images, sha256 {info['hash'][:12]})"
+    return inputs, {"random": f"{len(inputs[RANDOM_INPUTS])} seeded random images (reported, not judged)",
+                    **sources}
+
+
+# --- one graph: export, validate, check the shipped graph against its debug twin ----------------------------------
+
+
+@dataclass
+class GraphResult:
+    """One validated ONNX graph, ready to be written."""
+
+    path: str
+    role: str
+    precision: str
+    flavour: str
+    proto: onnx.ModelProto
+    debug: onnx.ModelProto  # the same graph with the method's decisions as extra outputs (validated, shipped too)
+    comparisons: list[Comparison]
+    shipped_vs_debug_max_abs: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def validation_entry(self) -> dict:
+        return {"comparisons": [c.to_dict() for c in self.comparisons],
+                "shipped_vs_debug_max_abs": self.shipped_vs_debug_max_abs, **self.extra}
+
+
+def criteria(precision: str) -> tuple[float | None, float | None]:
+    """(max abs error on the logits, min top-1 agreement on real images) a graph of this precision must meet."""
+    if precision == "fp32":
+        return FLOAT32_MAX_ABS_ERROR, None
+    return None, REDUCED_PRECISION_MIN_TOP1_AGREEMENT
+
+
+def check_graph(graph: onnx.ModelProto, debug: onnx.ModelProto, reference: Callable, inputs: dict,
+                precision: str, role: str, path: str, flavour: str, batch_sizes: list[int | None]) -> GraphResult:
+    """Validate ``debug`` against PyTorch; then the shipped ``graph`` must compute what its twin computes."""
+    tolerance, agreement = criteria(precision)
+    comparisons = validate_graph(debug, reference, inputs, tolerance, agreement, batch_sizes)
+    twin_error = shipped_vs_debug(graph, debug, inputs)
+    result = GraphResult(path, role, precision, flavour, graph, debug, comparisons, twin_error)
+    failed = [c for c in comparisons if not c.passed]
+    if failed:
+        c = failed[0]
+        raise ValidationFailed(
+            f"validation of the {role} graph failed on {c.inputs} images (batch {c.batch}): max abs error "
+            f"{c.max_abs_error:.3g} (limit {tolerance}), top-1 agreement {c.top1_agreement:.3f} (minimum {agreement}), "
+            f"kept token sets identical: {c.kept_sets_identical}, finite: {c.finite}; nothing was written")
+    if precision == "fp32" and twin_error > FLOAT32_MAX_ABS_ERROR:
+        raise ValidationFailed(f"the shipped {role} graph disagrees with its validated debug twin ({twin_error:.3g})")
+    return result
+
+
+# --- the staging folder -----------------------------------------------------------------------------------------
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Staging folders beside ``out`` left by an export that was killed (its owner process is gone)."""
+    removed = []
+    for candidate in out.parent.glob(f".{out.name}.*.tmp"):
+        owner = candidate / OWNER_FILE
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            pid = None
+        if candidate.is_dir() and (pid is None or not process_alive(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def previous_manifest(out: Path) -> dict | None:
+    """The manifest of an earlier export in ``out``; refuse a folder with other content and no manifest."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    try:
+        return json.loads((out / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        raise ExportError(f"--out {out} is a folder with other content and no {MANIFEST_NAME}: choose a new or empty "
+                          "folder, or a previous export folder to update") from None
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--out {out}: its {MANIFEST_NAME} is unreadable ({exc}); move it away first") from None
+
+
+def open_staging(out: Path) -> Path:
+    """A fresh staging folder beside ``out`` (stale ones of killed runs removed); one clear error when unwritable."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_staging(out):
+            print(f"note: removed {stale.name}, left by an export that was killed", file=sys.stderr)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        (staging / OWNER_FILE).write_text(str(os.getpid()))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; published, it reads like any other
+        return staging
+    except OSError as exc:
+        raise ExportError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+
+
+def publish(staging: Path, out: Path, previous: dict | None) -> list[str]:
+    """Move the staged files into ``out``; of a previous export, replace only what its manifest listed.
+
+    Returns the names of files in ``out`` that this tool did not write and left alone. A new ``out`` is one rename.
+    """
+    (staging / OWNER_FILE).unlink(missing_ok=True)
+    if previous is None:
+        if out.is_dir():
+            out.rmdir()  # empty (checked by previous_manifest)
+        os.replace(staging, out)
+        return []
+    new_files = {p.name for p in staging.iterdir()}
+    ours = {a["path"] for a in previous.get("artifacts", []) if isinstance(a, dict) and "path" in a}
+    for name in sorted(ours - new_files):
+        (out / name).unlink(missing_ok=True)
+    for name in sorted(new_files - {MANIFEST_NAME}) + [MANIFEST_NAME]:
+        os.replace(staging / name, out / name)  # the manifest last: it lists only what is in place
+    shutil.rmtree(staging, ignore_errors=True)
+    return sorted(p.name for p in out.iterdir() if p.name not in new_files)
+
+
+# --- the export ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict
+    untouched: list[str]  # files in out this tool did not write, left alone
+
+
+Progress = Callable[[str], None]
+
+
+def default_out(request: ExportRequest, label: str, keep: float) -> Path:
+    precision = "int8" if request.int8 else "fp16" if request.fp16 else "fp32"
+    return Path("exports") / f"{label}_keep{keep:g}_{precision}"
+
+
+def input_shape(request: ExportRequest, image_shape: tuple[int, int, int]) -> list:
+    """The ONNX input's shape as the graph declares it: a number for a static batch, "batch" for a dynamic one."""
+    return ["batch" if request.dynamic_batch else request.batch_size, *image_shape]
+
+
+def export_graphs(method, model: DynamicViTBase, request: ExportRequest, inputs: dict, calibration_images,
+                  calibration_info: dict | None, progress: Progress) -> list[GraphResult]:
+    """Every graph the request asks for, validated (raises ExportError on the first that fails)."""
+    low, opt, high = request.batch_profile
+    dynamic = request.dynamic_batch is not None
+    batch_sizes = sorted({low, opt, high}) if dynamic else [opt]
+    reference = method.reference(model)
+
+    def onnx_of(flavour: str, precision: str, with_debug: bool) -> onnx.ModelProto:
+        return method.export_onnx(method.deploy_copy(model, precision), flavour, opt, dynamic, request.opset, with_debug)
+
+    def exported(flavour: str, precision: str, role: str, path: str) -> GraphResult:
+        graph, debug = onnx_of(flavour, precision, False), onnx_of(flavour, precision, True)
+        return check_graph(graph, debug, reference, inputs, precision, role, path, flavour, batch_sizes)
+
+    results = []
+    progress("exporting and validating the float32 ONNX (native selection)")
+    results.append(exported("native", "fp32", "onnx", "model.onnx"))
+    if request.gather != "native":
+        progress(f"exporting and validating the {request.gather}-flavour float32 ONNX")
+        results.append(exported(request.gather, "fp32", f"onnx_{request.gather}", f"model_{request.gather}.onnx"))
+    if request.fp16:
+        progress(f"exporting and validating the mixed float16 ONNX ({request.gather} selection)")
+        results.append(exported(request.gather, "fp16", "onnx_fp16", f"model_{request.gather}_fp16.onnx"))
+    if request.int8:
+        progress("calibrating and validating the INT8 ONNX (explicit Q/DQ)")
+        quantized, report = quantize_for_export(onnx_of("native", "fp32", False), calibration_images, method="auto",
+                                                calibration_info=calibration_info)
+        graph = quantized if request.gather == "native" else transplant_qdq(quantized, onnx_of(request.gather, "fp32", False))
+        debug = transplant_qdq(quantized, onnx_of(request.gather, "fp32", True))
+        result = check_graph(graph, debug, reference, inputs, "int8", "onnx_int8", f"model_{request.gather}_int8.onnx",
+                             request.gather, batch_sizes)
+        result.extra["int8"] = report
+        results.append(result)
+    return results
+
+
+def write_graph(result: GraphResult, folder: Path) -> list[dict]:
+    """The shipped graph and its debug twin (which the target re-checks against the golden data)."""
+    entries = []
+    for proto, path, role in ((result.proto, result.path, result.role),
+                              (result.debug, debug_file_name(result.path), debug_role(result.role))):
+        (folder / path).write_bytes(proto.SerializeToString())
+        entries.append({"path": path, "role": role, "precision": result.precision, "flavour": result.flavour,
+                        "sha256": sha256_of(folder / path)})
+    return entries
+
+
+def golden_entry(folder: Path, inputs: dict[str, torch.Tensor], reference: Callable) -> dict:
+    """Write the validation inputs and float32 PyTorch's outputs for them (the target's ground truth)."""
+    arrays = {name: images.numpy() for name, images in inputs.items()}
+    return write_golden(folder, arrays, {name: reference(images) for name, images in inputs.items()})
+
+
+def export_model(request: ExportRequest, progress: Progress = lambda text: None) -> ExportResult:
+    """Export, validate and publish; see the module docstring. Raises PipelineError (one line) on user errors."""
+    started = time.perf_counter()
+    request.check()
+    progress("loading the model")
+    subject = load_subject(request.checkpoint, request.model)
+    keep = request.keep if request.keep is not None else subject.model.keep_ratio
+    keep_counts(keep, subject.model.num_patches, subject.model.num_stages)  # a keep that keeps no token: refused
+    tocom = None
+    if request.tocom is not None:
+        subject, tocom = with_tocom(subject, request.tocom, keep, request.tocom_scale)
+    method = DynamicViTExport(keep)
+    out = Path(request.out) if request.out is not None else default_out(request, subject.label, keep)
+    previous = previous_manifest(out)
+    inputs, input_sources = validation_inputs(subject, request)
+    calibration_images, calibration_info = (None, None)
+    if request.int8:
+        calibration_images, calibration_info = load_calibration_data(request.calib_data, subject.model, subject.metadata)
+    staging = open_staging(out)
+    try:
+        graphs = export_graphs(method, subject.model, request, inputs, calibration_images, calibration_info, progress)
+        artifacts = [entry for g in graphs for entry in write_graph(g, staging)]
+        artifacts.append(golden_entry(staging, inputs, method.reference(subject.model)))
+        manifest = build_manifest(request, subject, method, keep, tocom, graphs, artifacts, input_sources)
+        artifacts.append(write_trtexec(staging, manifest))
+        manifest = engine_step(request, staging, manifest, progress)
+        manifest["build_seconds"] = round(time.perf_counter() - started, 2)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        untouched = publish(staging, out, previous)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out, manifest, untouched)
+
+
+def engine_step(request: ExportRequest, staging: Path, manifest: dict, progress: Progress) -> dict:
+    """TensorRT engines where TensorRT and a GPU are present: the target-side stage's own code, on the staging
+    folder (built, checked against the golden data, timed); an engine that disagrees fails the export."""
+    reason = tensorrt_unavailable_reason() if request.backend != "ort" else "--backend ort"
+    if reason is not None:
+        progress(f"no TensorRT engine built: {reason} (ONNX Runtime artefacts only)")
+        return {**manifest, "engine": {"built": False, "reason": reason}}
+    progress("building, checking and timing the TensorRT engines")
+    engines = build_and_check(staging, manifest)
+    failed = [precision for precision, facts in engines.items() if not facts["passed"]]
+    if failed:
+        raise ValidationFailed(f"the {', '.join(failed)} TensorRT engine disagreed with the golden data (figures: "
+                               f"python -m export.engine on the ONNX artefacts); nothing was written")
+    return {**with_engines(manifest, engines, target_facts()), "engine": {"built": True}}
+
+
+def build_manifest(request: ExportRequest, subject: ExportSubject, method, keep: float, tocom: dict | None,
+                   graphs: list[GraphResult], artifacts: list[dict], input_sources: dict) -> dict:
+    model = subject.model
+    low, opt, high = request.batch_profile
+    return {
+        "schema_version": MANIFEST_SCHEMA,
+        "tool": {"name": "vit-prune-deploy", "version": package_version()},
+        "artifacts": artifacts,
+        "model": {
+            "label": subject.label,
+            "source": subject.source,
+            "random_weights": subject.random_weights,
+            "architecture": model.config.to_dict(),
+            "rho_train": subject.rho_train,
+            "loader_notes": subject.notes,
+        },
+        "method": method.describe(model),
+        "keep_ratio": keep,
+        "tokens": {"patches": model.num_patches, "kept_per_stage": model.stage_keep_counts(keep),
+                   "stages_before_blocks": list(model.config.pruning_locations)},
+        "macs": method.macs(model),
+        "tocom": tocom,
+        "precision": request.precisions,
+        "gather": request.gather,
+        "input": {"name": "images", "shape": input_shape(request, model.image_shape), "dtype": "float32"},
+        "batch": {"dynamic": request.dynamic_batch is not None, "min": low, "opt": opt, "max": high},
+        "opset": request.opset,
+        "validation_inputs": input_sources,
+        "validation": {g.role: g.validation_entry() for g in graphs},
+        "tools": tool_versions(),
+        "device": target_facts(),
+    }
