@@ -88,7 +88,7 @@ def test_uint8_npz_with_labels_is_normalised_with_the_model_mean_and_std(tmp_pat
     (lambda p: None, "not found"),
     (lambda p: np.save(p / "x.npy", np.zeros((2, 3, 32, 32), np.float32)), "do not fit the model's input"),
     (lambda p: (p / "x.txt").write_text("hello"), "neither a folder nor"),
-    (lambda p: (p / "x.npy").write_bytes(b"garbage"), "cannot read calibration array"),
+    (lambda p: (p / "x.npy").write_bytes(b"garbage"), "cannot read image array"),
 ])
 def test_unusable_calibration_data_is_one_clear_pipeline_error(tmp_path, make, message):
     make(tmp_path)
