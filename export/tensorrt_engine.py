@@ -23,6 +23,7 @@ float32 engine is therefore held to ``ENGINE_FLOAT32_MAX_ABS_ERROR`` (see export
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -32,13 +33,15 @@ from typing import Sequence
 import numpy as np
 
 from compress.errors import PipelineError
+from compress.files import atomic_write
 from export.environment import INSTALL_HINT, tensorrt_major, tensorrt_unavailable_reason
 
 __all__ = ["INSTALL_HINT", "EnginePlan", "TensorRTError", "TensorRTRunner", "build_engine", "plan_engine",
            "portability_problem", "tensorrt_unavailable_reason", "timing_cache_path", "trtexec_commands"]
 
 PRECISION_ROLES = {"fp32": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}  # the validated graph per precision
-TRTEXEC_TENSORRT_VERSIONS = ("10.3", "11")  # JetPack 6 and the current desktop / JetPack 7 major
+TRTEXEC_TENSORRT_VERSIONS = ("10.3", "11")
+TRTEXEC_FILE = "trtexec.txt"  # JetPack 6 and the current desktop / JetPack 7 major
 
 
 class TensorRTError(PipelineError):
@@ -150,6 +153,13 @@ def trtexec_text(manifest: dict, plugin_library: str = "trt_plugins/build/token_
             lines += [f"# {precision}", commands["build"], commands["time"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def write_trtexec(folder: Path, manifest: dict) -> dict:
+    """Write trtexec.txt (``trtexec_text``) into an export folder, atomically; returns its manifest entry."""
+    text = trtexec_text(manifest)
+    path = atomic_write(Path(folder) / TRTEXEC_FILE, lambda temporary: Path(temporary).write_text(text))
+    return {"path": TRTEXEC_FILE, "role": "trtexec", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 # ----------------------------------------------------------------------------- TensorRT itself (lazy imports)

@@ -13,9 +13,8 @@ import onnx
 import torch
 
 from compress.dynamicvit import DynamicViT
-from export.compare import Comparison, Reference, compare, onnxruntime_session, run_batched, session_runner, static_batch
-
-RANDOM_INPUTS = "random"  # the name of the seeded random image set
+from export.compare import (RANDOM_INPUTS, Comparison, Reference, compare, onnxruntime_session, run_batched,
+                            session_runner, static_batch)
 
 __all__ = ["RANDOM_INPUTS", "Comparison", "compare", "onnxruntime_session", "pytorch_reference", "run_batched",
            "shipped_vs_debug", "static_batch", "validate_graph"]
