@@ -81,18 +81,24 @@ def number_list_argument(convert: Callable[[str], float | int], example: str) ->
     return parse
 
 
+def describe_bounds(low: float | None, high: float | None, low_open: bool, noun: str) -> str:
+    """'a number in (0, 1]', 'an integer >= 1', 'a number' (finite) ... for argparse messages."""
+    if low is not None and high is not None:
+        return f"{noun} in {'(' if low_open else '['}{low:g}, {high:g}]"
+    if low is not None:
+        return f"{noun} {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{noun} <= {high:g}"
+    return f"a finite {noun.split()[-1]}"
+
+
 def bounded(convert: Callable[[str], float | int], low: float | None = None, high: float | None = None,
             low_open: bool = False) -> Callable[[str], float | int]:
     """An argparse ``type``: a finite number in [low, high] (``low_open``: (low, high]); None leaves a side open.
 
     Checked when the command line is parsed, so a bad value is refused before any work.
     """
-    lower = "any" if low is None else f"{'(' if low_open else '['}{low:g}"
-    upper = "any" if high is None else f"{high:g}]"
-    domain = f"a number in {lower}, {upper}" if low is not None and high is not None else (
-        f"a number > {low:g}" if low_open else f"a number >= {low:g}" if low is not None else f"a number <= {high:g}")
-    if convert is int:
-        domain = domain.replace("a number", "an integer")
+    domain = describe_bounds(low, high, low_open, "an integer" if convert is int else "a number")
 
     def parse(text: str) -> float | int:
         try:

@@ -1,4 +1,4 @@
-"""calibration.sweep: Pareto front, keep-ratio choice, and the table + plot on a small model (or the demo model)."""
+"""export.sweep: Pareto front, keep-ratio choice, and the table + plot on a small model (or the demo model)."""
 import contextlib
 import io
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibration import sweep
-from calibration.sweep import SweepRow, choose_keep, pareto_flags
+from export import sweep
+from export.sweep import SweepRow, choose_keep, pareto_flags
 from compress import create_dynamicvit
 from compress.checkpoint import save_dynamicvit
 from compress.cli import run_cli
@@ -35,14 +35,14 @@ def test_pareto_front_keeps_only_undominated_points():
 
 
 def test_choice_is_the_most_accurate_within_the_budget_and_says_why():
-    rows = [row(1.0, 80.0, 10.0), row(0.8, 79.5, 8.0), row(0.7, 79.5, 7.0), row(0.5, 70.0, 5.0)]
+    rows = [row(1.0, 0.800, 10.0), row(0.8, 0.795, 8.0), row(0.7, 0.795, 7.0), row(0.5, 0.700, 5.0)]
     chosen, reason = choose_keep(rows, 8.5)
     assert chosen.keep == 0.7  # as accurate as 0.8 and faster
-    assert "within 8.5 ms" in reason and "keep 1 (no ToCom) would give 80.00% but needs 10.00 ms" in reason
+    assert "within 8.5 ms" in reason and "keep 1 (no ToCom) would give 0.800 but needs 10.00 ms" in reason
     assert choose_keep(rows, 4.0)[0] is None and "fastest is keep 0.5" in choose_keep(rows, 4.0)[1]
-    chosen, reason = choose_keep(rows, 8.5, min_accuracy=90.0)
-    assert chosen is None and "below --min-accuracy 90%" in reason
-    with_tocom = rows + [row(0.5, 75.0, 5.0, "tocom")]
+    chosen, reason = choose_keep(rows, 8.5, min_accuracy=0.9)
+    assert chosen is None and "below --min-accuracy 0.9" in reason
+    with_tocom = rows + [row(0.5, 0.750, 5.0, "tocom")]
     assert choose_keep(with_tocom, 6.0)[0].variant == "tocom"
 
 
@@ -70,24 +70,24 @@ def small_checkpoint(tmp_path_factory):
     return path
 
 
-def test_sweep_prints_the_table_saves_the_plot_and_picks_within_budget(tmp_path, small_checkpoint):
+def test_sweep_prints_the_table_saves_the_plot_picks_within_budget_and_says_how_to_export(tmp_path, small_checkpoint):
     code, out, err = run_sweep("-c", small_checkpoint, "--eval-data", "demo", "--eval-images", "100",
                                "--keeps", "1.0", "0.7", "0.5", "-n", "10", "--warmup", "2",
                                "--latency-budget", "10000", "--out", tmp_path)
     assert code == 0, err
     print(out)
-    assert "top-1 %" in out and "44/31/21" in out and "chosen: keep" in out
+    assert " top-1 " in out and "44/31/21" in out and "chosen: keep" in out
     record = json.loads((tmp_path / f"{small_checkpoint.stem}_sweep.json").read_text())
     assert [r["keep"] for r in record["rows"]] == [1.0, 0.7, 0.5]
-    assert all(r["accuracy"] is not None and r["latency_ms"] > 0 for r in record["rows"])
+    assert record["metric_unit"] == "fraction"
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["latency_ms"] > 0 for r in record["rows"])
     assert any(r["pareto"] for r in record["rows"]) and record["chosen"]["pareto"]
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert sweep.PLOT_INSTALL_HINT in out
-        return
+    keep = record["chosen"]["keep"]
+    expected = f"python -m export.build --checkpoint {small_checkpoint} --keep {keep:g}"
+    assert record["export_command"] == expected and f"export it: {expected}" in out
     png = (tmp_path / f"{small_checkpoint.stem}_sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 def test_sweep_with_tocom_measures_both_variants(tmp_path, small_checkpoint):
@@ -119,12 +119,18 @@ def test_int8_sweep_runs_on_calibrated_graphs(tmp_path, small_checkpoint):
 
 
 def test_sweep_errors_are_one_line(tmp_path, small_checkpoint):
-    code, _, err = run_sweep("-c", small_checkpoint, "--keeps", "1.5", "--out", tmp_path)
-    assert code == 2 and err.startswith("error: --keeps must lie in (0, 1]")
     code, _, err = run_sweep("-c", small_checkpoint, "--tocom", tmp_path / "none.safetensors", "--out", tmp_path)
     assert code == 2 and "ToCom plugin not found" in err
-    code, _, err = run_sweep("-c", small_checkpoint, "--min-accuracy", "50", "--out", tmp_path)
+    code, _, err = run_sweep("-c", small_checkpoint, "--min-accuracy", "0.5", "--out", tmp_path)
     assert code == 2 and "--min-accuracy needs --latency-budget" in err
+    code, _, err = run_sweep("-c", small_checkpoint, "--tocom-scale", "0.1", "--out", tmp_path)
+    assert code == 2 and "--tocom-scale needs --tocom" in err
+    code, _, err = run_sweep("-c", small_checkpoint, "--calib-data", "demo", "--out", tmp_path)
+    assert code == 2 and "--calib-data and --calib-images need --precision int8" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_sweep("-c", small_checkpoint, "--eval-data", tmp_path / "empty", "--out", tmp_path)
+    assert code == 2 and err.startswith("error: --eval-data: image folder") and "holds no images" in err
+    assert not list(tmp_path.glob("*_sweep.*"))
 
 
 def test_budget_nobody_meets_exits_one(tmp_path, small_checkpoint):
