@@ -1,0 +1,371 @@
+"""Token Merging (ToMe) on timm ViT/DeiT models: fixed-count token merging between attention and MLP.
+
+Paper: "Token Merging: Your ViT But Faster", Bolya et al., ICLR 2023, https://arxiv.org/abs/2210.09461.
+
+Per block, after the attention and before the MLP, ``r_l = min(r, (t - 1) // 2)`` of the block's t tokens are
+merged away (bipartite soft matching):
+
+- metric: the attention keys averaged over heads, [B, t, head_dim], L2-normalised;
+- split: A = even positions (CLS is A[0] and never merges), B = odd positions; cosine scores A . B^T;
+- each A token's best B match; the r_l A tokens with the highest best score merge into their matches;
+- merge by size-weighted average: sum of x * size and of size per group, then divide; sizes add up;
+- output order: the kept A tokens in their original order (CLS first), then every B token in order;
+- proportional attention: log(size) is added to the attention logits of every key.
+
+Tie rule (every backend follows it; PyTorch and ONNX run the same formulation below):
+- best B match of an A token: among equal scores the LOWER B index (argmax's first maximum, ONNX ArgMax with
+  select_last_index 0);
+- which A tokens merge: descending best score, a stable order: among equal scores the LOWER A index ranks first.
+
+The method is a set of pure tensor functions (counts, ranks, matching, merge); ``ToMeViT`` is the thin glue
+that runs them on the parts of a timm ``VisionTransformer``. The functions avoid sorts and data-dependent control
+flow: ranks are comparison counts and index lists are read off one-hot matrices, so the TorchScript ONNX
+exporter writes them as plain MatMul/Equal/Gather nodes and the decisions are the same in PyTorch and ONNX.
+Shapes: [batch, tokens, channels].
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Callable, NamedTuple, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from compress.checkpoint import infer_config, read_checkpoint_file
+from compress.complexity import block_macs
+from compress.dynamicvit import ADOPTED_BACKBONE_PARTS, PREDICTOR_PREFIX, check_backbone, timm_backbone_name
+from compress.errors import CheckpointError, PipelineError
+from compress.registry import DynamicViTConfig, UnknownModel, config_for
+
+TIE_RULE = ("best match: lower B index among equal scores; merged A tokens: descending best score, "
+            "lower A index first among equal scores (stable)")
+MERGE_FLAVOURS = ("onehot", "scatter")
+REFERENCE_PREFIX = "module."  # DistributedDataParallel's prefix on saved keys
+
+
+class ToMeError(PipelineError, ValueError):
+    """A merge schedule the model cannot run (negative r, wrong length, more than the token count allows)."""
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def parse_r_schedule(r: int | Sequence[int], depth: int) -> tuple[int, ...]:
+    """r per block: an int (the same r in every block) or one int per block; each >= 0."""
+    schedule = (r,) * depth if isinstance(r, int) else tuple(r)
+    if len(schedule) != depth:
+        raise ToMeError(f"a ToMe schedule needs one r per block ({depth}), got {len(schedule)}: {list(schedule)}")
+    if any(isinstance(value, bool) or int(value) != value or value < 0 for value in schedule):
+        raise ToMeError(f"ToMe r must be non-negative integers, got {list(schedule)}")
+    return tuple(int(value) for value in schedule)
+
+
+def merges_in_block(tokens: int, r: int) -> int:
+    """r_l = min(r, (t - 1) // 2): at most half of the tokens besides CLS can merge (A minus CLS vs B)."""
+    return max(0, min(r, (tokens - 1) // 2))
+
+
+def token_counts(num_tokens: int, schedule: Sequence[int]) -> list[int]:
+    """Tokens entering each block, then the tokens after the last: depth + 1 counts (CLS included).
+
+    DeiT at 224 (197 tokens), r 16 in all 12 blocks: 197, 181, 165, ..., 37, 21, 11.
+    """
+    counts = [num_tokens]
+    for r in schedule:
+        counts.append(counts[-1] - merges_in_block(counts[-1], r))
+    return counts
+
+
+def check_schedule_merges(num_tokens: int, schedule: Sequence[int]) -> None:
+    """ToMeError when an r exceeds what a sequence of ``num_tokens`` tokens can merge at all, (num_tokens - 1) // 2.
+
+    Later blocks cap r to their own token count as the method defines (DeiT at r 16 merges 10 in its last block);
+    an r that not even the first block can merge is a mistake, not a schedule.
+    """
+    most = (num_tokens - 1) // 2
+    if any(r > most for r in schedule):
+        raise ToMeError(f"r {max(schedule)} is more than a sequence of {num_tokens} tokens can merge per block "
+                        f"(at most {most})")
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def descending_ranks(values: torch.Tensor) -> torch.Tensor:
+    """values [B, N] -> rank [B, N] float32 (0 = first): descending, equal values rank the lower index first.
+
+    rank_i = #{j : v_j > v_i} + #{j < i : v_j == v_i}: a stable descending sort written as comparison counts.
+    """
+    n = values.shape[-1]
+    later = torch.ones(n, n, device=values.device).tril(-1).bool()  # later[i, j]: j < i
+    above = values[..., None, :] > values[..., :, None]  # [B, i, j]: v_j > v_i
+    tied_before = (values[..., None, :] == values[..., :, None]) & later
+    return (above | tied_before).float().sum(-1)
+
+
+def positions_of(one_hot: torch.Tensor) -> torch.Tensor:
+    """one_hot [B, k, N] (one 1 per row) -> the column of each row's 1, [B, k] int64 (exact in float32 below 2^24)."""
+    columns = torch.arange(one_hot.shape[-1], device=one_hot.device, dtype=torch.float32)
+    return (one_hot.float() @ columns).long()
+
+
+class Matching(NamedTuple):
+    """The decisions of one bipartite soft matching of t tokens (A: even positions, B: odd positions).
+
+    kept_a [B, nA - r]: A indices kept, ascending (CLS = A index 0 first); merged_a [B, r]: A indices merged, in
+    rank order; merged_into [B, r]: the B index each merged A token goes into.
+    """
+
+    kept_a: torch.Tensor
+    merged_a: torch.Tensor
+    merged_into: torch.Tensor
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
+    """metric [B, t, c] -> the r merges of ToMe's bipartite matching, CLS (token 0) protected.
+
+    Scores in float32 (a float16 graph must decide what float32 PyTorch decides). r must be
+    ``merges_in_block(t, r)`` already.
+    """
+    metric = metric.float()
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    candidates = a.shape[1] - 1  # A tokens besides CLS
+    scores = a[:, 1:] @ b.transpose(-1, -2)  # [B, nA - 1, nB]
+    best_score, best_b = scores.max(dim=-1)  # first maximum: the lower B index among equal scores
+    rank = descending_ranks(best_score)  # [B, nA - 1]
+    slots = torch.arange(candidates, device=metric.device, dtype=torch.float32)
+    # Row k of each one-hot matrix marks the candidate that fills output slot k.
+    merged = rank[:, None, :] == slots[:r, None]  # [B, r, nA - 1]
+    is_kept = (rank >= r).float()  # [B, nA - 1]
+    kept_before = is_kept @ torch.ones(candidates, candidates, device=metric.device).triu(1)  # kept with lower index
+    kept = (kept_before[:, None, :] == slots[: candidates - r, None]) & is_kept.bool()[:, None, :]
+    merged_candidates = positions_of(merged)
+    merged_into = torch.gather(best_b, 1, merged_candidates)
+    cls = torch.zeros_like(merged_candidates[:, :1])
+    return Matching(torch.cat([cls, positions_of(kept) + 1], dim=1), merged_candidates + 1, merged_into)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, C], index [B, k] -> x[b, index[b, i]] as [B, k, C]."""
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def add_rows_onehot(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """target [B, N, C] with rows [B, k, C] added at index [B, k] (repeats add up): a one-hot MatMul, no scatter."""
+    one_hot = (index[..., None] == torch.arange(target.shape[1], device=index.device)).to(rows.dtype)  # [B, k, N]
+    return target + one_hot.transpose(1, 2) @ rows
+
+
+def add_rows_scatter(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Same as ``add_rows_onehot`` with a scatter-add (ONNX ScatterElements, reduction "add", opset >= 16)."""
+    return target.scatter_add(1, index[..., None].expand(-1, -1, rows.shape[-1]), rows)
+
+
+ROW_ADDERS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "onehot": add_rows_onehot, "scatter": add_rows_scatter,
+}
+
+
+def merge_weighted_average(x: torch.Tensor, size: torch.Tensor, matching: Matching, flavour: str = "scatter"
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, t, C], size [B, t, 1] -> merged x [B, t - r, C] in x's dtype and sizes [B, t - r, 1] float32.
+
+    Each group's x is sum(x * size) / sum(size), formed in float32 (so a float16 graph averages in float32).
+    """
+    weighted = torch.cat([x.float() * size, size], dim=-1)  # the sizes ride along as one more channel
+    a, b = weighted[:, ::2], weighted[:, 1::2]
+    b = ROW_ADDERS[flavour](b, matching.merged_into, gather_rows(a, matching.merged_a))
+    merged = torch.cat([gather_rows(a, matching.kept_a), b], dim=1)
+    sums, sizes = merged[..., :-1], merged[..., -1:]
+    return (sums / sizes).to(x.dtype), sizes
+
+
+def merge_decisions(matching: Matching, tokens: int) -> torch.Tensor:
+    """The merges as one int64 [B, r] code per merged token, in rank order: source * tokens + destination, with
+    both as positions in the block's sequence (A index i is position 2i, B index j is 2j + 1); unique per row."""
+    return (2 * matching.merged_a) * tokens + (2 * matching.merged_into + 1)
+
+
+def attention_with_keys(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm ``Attention`` with proportional attention: x [B, t, C], size [B, t, 1] or None (all ones) ->
+    (output [B, t, C], keys averaged over heads [B, t, head_dim]). The softmax (and the log(size) bias) is
+    float32, so a float16 graph still normalises attention in float32."""
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    logits = ((q * attn.scale) @ k.transpose(-2, -1)).float()
+    if size is not None:
+        logits = logits + size.log()[:, None, None, :, 0]
+    weights = logits.softmax(dim=-1).to(v.dtype)
+    out = (attn.attn_drop(weights) @ v).transpose(1, 2).reshape(batch, tokens, -1)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class ToMeViT(nn.Module):
+    """ToMe over a timm ``VisionTransformer`` (or a DynamicViT, which holds the same parts): stateless.
+
+    Modifications to the backbone (its modules are taken over under timm's names, so the state-dict keys are
+    the standard ones and DeiT checkpoints load strictly):
+    - attention with proportional attention and the mean key over heads as the merge metric;
+    - ``r_schedule[l]`` merges after block l's attention (``merge_flavour`` chooses the row-adding op);
+    - classification from the CLS token, which is never merged and stays first.
+    """
+
+    def __init__(self, backbone: nn.Module, r: int | Sequence[int] = 0, config: DynamicViTConfig | None = None):
+        super().__init__()
+        if isinstance(backbone, VisionTransformer):
+            check_backbone(backbone)
+        for name in ADOPTED_BACKBONE_PARTS:
+            setattr(self, name, getattr(backbone, name))
+        self.config = config or getattr(backbone, "config", None)
+        self.embed_dim = int(backbone.embed_dim)
+        self.num_classes = int(backbone.num_classes)
+        self.num_patches = int(self.patch_embed.num_patches)
+        self.data_config = getattr(backbone, "data_config", None)
+        self.merge_flavour = "scatter"
+        self.r_schedule = parse_r_schedule(r, len(self.blocks))
+
+    @property
+    def r_schedule(self) -> tuple[int, ...]:
+        return self._r_schedule
+
+    @r_schedule.setter
+    def r_schedule(self, r: int | Sequence[int]) -> None:
+        schedule = parse_r_schedule(r, len(self.blocks))
+        check_schedule_merges(self.num_patches + 1, schedule)
+        self._r_schedule = schedule
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.patch_embed.proj.in_channels, *self.patch_embed.img_size)
+
+    def token_counts(self) -> list[int]:
+        """Tokens entering each block, then after the last (CLS included)."""
+        return token_counts(self.num_patches + 1, self.r_schedule)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> tokens [B, 1 + N, C] (CLS first, position embedding added)."""
+        patches = self.patch_embed(images)
+        tokens = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
+        return self.norm_pre(self.pos_drop(tokens))
+
+    def forward_with_decisions(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """logits [B, classes] and, per block that merges, ``merge_decisions`` [B, r_l] int64."""
+        x, size, decisions = self.embed(images), None, []
+        for block, r in zip(self.blocks, self.r_schedule):
+            attended, metric = attention_with_keys(block.attn, block.norm1(x), size)
+            x = x + block.drop_path1(block.ls1(attended))
+            r = merges_in_block(x.shape[1], r)
+            if r > 0:
+                matching = bipartite_soft_matching(metric, r)
+                decisions.append(merge_decisions(matching, x.shape[1]))
+                if size is None:
+                    size = torch.ones_like(x[..., :1], dtype=torch.float32)
+                x, size = merge_weighted_average(x, size, matching, self.merge_flavour)
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        x = self.norm(x)
+        return self.head(self.head_drop(self.fc_norm(x[:, 0]))), decisions
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_decisions(images)[0]
+
+    def macs(self) -> int:
+        """Analytic multiply-accumulates of one image (see ``tome_macs``)."""
+        patch = self.patch_embed.proj
+        stem = self.num_patches * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * self.embed_dim
+        return tome_macs(self.token_counts(), self.embed_dim, self.blocks[0].mlp.fc1.out_features,
+                         self.blocks[0].attn.head_dim, stem, self.embed_dim * self.num_classes)
+
+
+def tome_macs(counts: Sequence[int], embed_dim: int, mlp_hidden: int, head_dim: int, stem_macs: int, head_macs: int) -> int:
+    """Matrix-product MACs of a ToMe ViT: block l's attention runs on counts[l] tokens, its MLP on counts[l + 1]
+    (the merge sits between them), plus the matching scores (A minus CLS) x B x head_dim where a block merges.
+
+    counts: ``token_counts`` (depth + 1 entries). Norms, softmax, gathers and the merge's additions are left out.
+    """
+    total = stem_macs + head_macs
+    for before, after in zip(counts, counts[1:]):
+        attention = block_macs(before, embed_dim, 0)
+        mlp = block_macs(after, embed_dim, mlp_hidden) - block_macs(after, embed_dim, 0)
+        scores = ((before + 1) // 2 - 1) * (before // 2) * head_dim if after < before else 0
+        total += attention + mlp + scores
+    return total
+
+
+# ----------------------------------------------------------------------------- building from weights
+
+
+def strip_prefix(weights: dict[str, torch.Tensor], prefix: str = REFERENCE_PREFIX) -> dict[str, torch.Tensor]:
+    """Keys without a leading ``prefix`` when every key has it (weights saved from DistributedDataParallel)."""
+    if weights and all(key.startswith(prefix) for key in weights):
+        return {key[len(prefix):]: value for key, value in weights.items()}
+    return weights
+
+
+def tome_from_weights(weights: dict[str, torch.Tensor], r: int | Sequence[int] = 0, model_name: str | None = None,
+                      config: DynamicViTConfig | None = None, source: str = "checkpoint") -> tuple[ToMeViT, list[str]]:
+    """A ToMe model from a timm ViT/DeiT state dict (a DynamicViT's prediction modules are ignored), and notes.
+
+    The architecture: ``config`` (a checkpoint's stored config), else ``model_name`` (a registered variant or a
+    timm ViT name; image size and class count from the weights), else read from the weights.
+    """
+    weights = strip_prefix(dict(weights))
+    notes = []
+    predictors = [key for key in weights if key.startswith(PREDICTOR_PREFIX)]
+    if predictors:
+        notes.append(f"{source}: {len(predictors)} DynamicViT prediction-module tensors ignored (ToMe uses the backbone)")
+        weights = {key: value for key, value in weights.items() if not key.startswith(PREDICTOR_PREFIX)}
+    if config is None:
+        inferred = infer_config(weights, source)
+        if model_name:
+            sizes = {k: v for k, v in inferred.backbone_kwargs.items() if k in ("img_size", "num_classes")}
+            config = config_for(model_name, None, None, **sizes)
+        else:
+            config = inferred
+    try:
+        backbone = timm.create_model(timm_backbone_name(config.backbone), pretrained=False, **config.backbone_kwargs)
+    except (TypeError, AssertionError, RuntimeError) as exc:
+        raise UnknownModel(f"cannot build {config.backbone} with {config.backbone_kwargs}: {exc}") from None
+    if not isinstance(backbone, VisionTransformer):
+        raise UnknownModel(f"ToMe needs a timm VisionTransformer, {config.backbone} is a {type(backbone).__name__}")
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{source} does not match {config.backbone}: {reason}") from None
+    return ToMeViT(backbone, r, DynamicViTConfig(config.backbone, dict(config.backbone_kwargs), (), 1.0, config.family)), notes
+
+
+def load_tome(path: str | os.PathLike, r: int | Sequence[int] = 0, model_name: str | None = None) -> tuple[ToMeViT, list[str]]:
+    """A ToMe model (eval mode) from a checkpoint file: a timm/DeiT state dict, ``{'model': ...}`` (DeiT releases,
+    ``module.`` prefix allowed), or this project's DynamicViT format (its stored config; predictors ignored)."""
+    weights, rest = read_checkpoint_file(path)
+    stored = rest.get("config")
+    config = DynamicViTConfig.from_dict(stored) if isinstance(stored, dict) and not model_name else None
+    model, notes = tome_from_weights(weights, r, model_name, config, str(path))
+    return model.eval(), notes
+
+
+def create_tome(model_name: str, r: int | Sequence[int] = 0, **overrides) -> ToMeViT:
+    """A ToMe model with random weights: a registered variant or a timm ViT name (``--model`` without weights)."""
+    config = config_for(model_name, None, None, **overrides)
+    backbone = timm.create_model(timm_backbone_name(config.backbone), pretrained=False, **config.backbone_kwargs)
+    if not isinstance(backbone, VisionTransformer):
+        raise UnknownModel(f"ToMe needs a timm VisionTransformer, {model_name} is a {type(backbone).__name__}")
+    return ToMeViT(backbone, r, DynamicViTConfig(config.backbone, dict(config.backbone_kwargs), (), 1.0, config.family)).eval()
+
+
+def with_schedule(model: ToMeViT, r: int | Sequence[int]) -> ToMeViT:
+    """A copy of ``model`` (sharing nothing) run at another r."""
+    other = copy.deepcopy(model)
+    other.r_schedule = r
+    return other

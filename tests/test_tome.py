@@ -1,0 +1,174 @@
+"""ToMe: counts, the tie rule, parity with the reference implementation (golden data), the ONNX graphs."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress import tome
+
+GOLDEN = Path(__file__).parent / "data" / "tome_reference.npz"
+WEIGHT_SEED = {"deit_small_patch16_224": 1501, "deit_base_patch16_224": 1502}
+PARITY_R = (8, 16)
+PARITY_TOLERANCE = 1e-4  # max abs logit difference to the reference ToMe (float32, CPU)
+
+
+# ----------------------------------------------------------------------------- deterministic inputs and weights
+
+
+def seeded_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The random weights the golden data was produced with, rebuilt from ``seed``.
+
+    Rule: numpy ``Generator(PCG64(seed))`` visits the state-dict keys in sorted order and draws
+    ``standard_normal(shape, float32) * 0.02`` for each; LayerNorm weights (keys ending in ``norm.weight``,
+    ``norm1.weight``, ``norm2.weight``) get 1.0 added.
+    """
+    generator = np.random.Generator(np.random.PCG64(seed))
+    weights = {}
+    for key, tensor in sorted(model.state_dict().items()):
+        values = generator.standard_normal(tuple(tensor.shape), dtype=np.float32) * np.float32(0.02)
+        if key.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
+            values += np.float32(1.0)
+        weights[key] = torch.from_numpy(values)
+    return weights
+
+
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        digest.update(key.encode())
+        digest.update(weights[key].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_from_bytes(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 images, (p - 127.5) / 64 (the golden inputs are stored as bytes)."""
+    return torch.from_numpy((pixels.astype(np.float32) - np.float32(127.5)) / np.float32(64.0))
+
+
+def seeded_tome(model_name: str, r) -> tome.ToMeViT:
+    model = tome.create_tome(model_name, r)
+    model.load_state_dict(seeded_state_dict(model, WEIGHT_SEED[model_name]))
+    return model.eval()
+
+
+def final_groups(decisions: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    """Replay ``merge_decisions`` codes: the final token every input token ends up in, [B, counts[0]] int64.
+
+    Implements the output order independently of the model: kept A tokens (even positions) ascending, then every B
+    token (odd positions); a merged A token goes where its destination goes.
+    """
+    merging = [t for t, after in zip(counts, counts[1:]) if after < t]
+    batch = decisions[0].shape[0] if decisions else 1
+    where = np.tile(np.arange(counts[0]), (batch, 1))
+    for codes, t in zip(decisions, merging):
+        for row in range(batch):
+            source, destination = np.divmod(codes[row], t)
+            kept_even = [p for p in range(0, t, 2) if p not in set(source.tolist())]
+            new = np.empty(t, dtype=np.int64)
+            new[kept_even] = np.arange(len(kept_even))
+            new[1::2] = len(kept_even) + np.arange(t // 2)
+            new[source] = new[destination]
+            where[row] = new[where[row]]
+    return where
+
+
+# ----------------------------------------------------------------------------- counts and schedules
+
+
+def test_token_counts_of_deit_at_r16_end_at_11():
+    counts = tome.token_counts(197, tome.parse_r_schedule(16, 12))
+    assert counts == [197, 181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
+    assert tome.token_counts(197, (8,) * 12)[-1] == 101
+    assert tome.token_counts(197, (0,) * 12) == [197] * 13
+    assert tome.merges_in_block(21, 16) == 10 and tome.merges_in_block(2, 5) == 0
+
+
+def test_schedule_parser_accepts_an_int_or_one_r_per_block_and_refuses_the_rest():
+    assert tome.parse_r_schedule(3, 4) == (3, 3, 3, 3)
+    assert tome.parse_r_schedule([4, 3, 2, 1], 4) == (4, 3, 2, 1)
+    for bad in ([1, 2], -1, [1, 2, 3, -4], [1.5, 1, 1, 1]):
+        with pytest.raises(tome.ToMeError):
+            tome.parse_r_schedule(bad, 4)
+    with pytest.raises(tome.ToMeError, match="at most 98"):
+        tome.check_schedule_merges(197, (99,) * 12)
+    tome.check_schedule_merges(197, (98,) * 12)  # later blocks cap r themselves, as the method defines
+
+
+# ----------------------------------------------------------------------------- tie rule
+
+
+def test_ranks_are_a_stable_descending_sort_on_values_with_many_ties():
+    values = torch.randint(0, 4, (50, 40)).float()
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    expected = torch.empty_like(order)
+    expected.scatter_(1, order, torch.arange(40).expand(50, -1))
+    assert torch.equal(tome.descending_ranks(values).long(), expected)
+
+
+def test_matching_ties_go_to_the_lower_index():
+    # Every B token identical: every A token's best match is B index 0 (first maximum).
+    # Every A token besides CLS identical: all best scores tie, so the lowest A indices merge.
+    metric = torch.zeros(1, 11, 4)
+    metric[:, 0] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # CLS
+    metric[:, 2::2] = torch.tensor([1.0, 0.5, 0.0, 0.0])  # A candidates (positions 2, 4, 6, 8, 10)
+    metric[:, 1::2] = torch.tensor([0.5, 1.0, 0.0, 0.0])  # B tokens (positions 1, 3, 5, 7, 9)
+    matching = tome.bipartite_soft_matching(metric, 3)
+    assert matching.merged_a.tolist() == [[1, 2, 3]]
+    assert matching.merged_into.tolist() == [[0, 0, 0]]
+    assert matching.kept_a.tolist() == [[0, 4, 5]]
+    assert tome.merge_decisions(matching, 11).tolist() == [[2 * 11 + 1, 4 * 11 + 1, 6 * 11 + 1]]
+
+
+def test_cls_is_never_merged_and_stays_first_even_when_it_matches_best():
+    metric = torch.randn(3, 21, 8)
+    metric[:, 0] = metric[:, 1]  # CLS identical to B token 0: the best score there is, yet protected
+    matching = tome.bipartite_soft_matching(metric, 10)  # every candidate merges
+    assert (matching.kept_a[:, 0] == 0).all() and matching.kept_a.shape == (3, 1)
+    assert sorted(matching.merged_a[0].tolist()) == list(range(1, 11))
+
+
+def test_merge_is_a_size_weighted_average_and_flavours_agree():
+    x = torch.randn(2, 9, 5)
+    size = torch.randint(1, 4, (2, 9, 1)).float()
+    matching = tome.Matching(kept_a=torch.tensor([[0, 2], [0, 1]]), merged_a=torch.tensor([[1, 3, 4], [4, 2, 3]]),
+                             merged_into=torch.tensor([[2, 2, 0], [1, 1, 1]]))
+    merged, sizes = tome.merge_weighted_average(x, size, matching, "scatter")
+    onehot, onehot_sizes = tome.merge_weighted_average(x, size, matching, "onehot")
+    assert torch.allclose(merged, onehot, atol=1e-6) and torch.equal(sizes, onehot_sizes)
+    # Row 0: B index 2 (position 5) receives A 1 and A 3 (positions 2 and 6); B 0 receives A 4 (position 8).
+    group = [5, 2, 6]
+    expected = (x[0, group] * size[0, group]).sum(0) / size[0, group].sum()
+    assert torch.allclose(merged[0, 2 + 2], expected, atol=1e-6)
+    assert sizes[0, 2 + 2, 0] == size[0, group].sum()
+    assert torch.allclose(merged[0, 0], x[0, 0], atol=1e-6) and torch.allclose(merged[0, 1], x[0, 4], atol=1e-6)  # CLS, A 2
+    assert merged.shape == (2, 6, 5) and torch.equal(sizes.sum((1, 2)), size.sum((1, 2)))  # mass is conserved
+
+
+# ----------------------------------------------------------------------------- parity with the reference ToMe
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return np.load(GOLDEN)
+
+
+@pytest.mark.parametrize("model_name", ["deit_small_patch16_224",
+                                        pytest.param("deit_base_patch16_224", marks=pytest.mark.slow)])
+def test_parity_with_the_reference_tome_at_r8_and_r16(golden, model_name):
+    """The reference ToMe (facebookresearch/ToMe, proportional attention) ran once on these seeded weights and
+    images (see docs/tome.md); the project's ToMe must give the same logits and the same token groups."""
+    images = images_from_bytes(golden["images_uint8"])
+    model = seeded_tome(model_name, 0)
+    assert weights_sha256(model.state_dict()) == str(golden[f"{model_name}/weights_sha256"]), \
+        "the seeded weight rule no longer rebuilds the weights the golden data was made with"
+    for r in PARITY_R:
+        model.r_schedule = r
+        with torch.no_grad():
+            logits, decisions = model.forward_with_decisions(images)
+        error = np.abs(logits.numpy() - golden[f"{model_name}/r{r}/logits"]).max()
+        assert error <= PARITY_TOLERANCE, f"r {r}: max abs logit difference {error:.3g}"
+        groups = final_groups([d.numpy() for d in decisions], model.token_counts())
+        assert np.array_equal(groups, golden[f"{model_name}/r{r}/final_group"].astype(np.int64))
+    assert model.token_counts()[-1] == 11
