@@ -5,6 +5,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,8 @@ def test_gate_names_every_slower_case_and_ignores_faster_ones():
                                              case("b", 10).key: {"median_ms": 10.0},
                                              case("c", 10).key: {"median_ms": 10.0}}}
     results = [case("a", 10.5), case("b", 12.0), case("c", 50.0), case("d", 1.0)]
-    slower, notes = bench.find_regressions(results, baseline, 10.0, None)
-    assert len(slower) == 2 and "b|ort-cpu" in slower[0] and "c|ort-cpu" in slower[1]
+    slower, uncompared, notes = bench.find_regressions(results, baseline, 10.0, None)
+    assert len(slower) == 2 and "b|ort-cpu" in slower[0] and "c|ort-cpu" in slower[1] and uncompared == []
     assert any("new case" in n and "d|" in n for n in notes)
     assert bench.find_regressions(results, baseline, 500.0, None)[0] == []
 
@@ -181,6 +182,116 @@ def test_bad_arguments_are_one_error_line(tmp_path):
     assert result.returncode == 2 and "not a baseline file" in result.stderr
 
 
-def test_tensorrt_engine_timing(tmp_path):
-    pytest.importorskip("tensorrt", reason="TensorRT not installed")
-    pytest.skip("needs an engine built on this GPU: run python -m export.bench on an export folder with model.engine")
+def run_bench_cli(*args, timeout=300):
+    """``python -m export.bench ARGS`` in a fresh interpreter: exit codes and stderr exactly as a user sees them."""
+    return subprocess.run([sys.executable, "-m", "export.bench", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+
+
+def test_a_gate_that_cannot_compare_a_baseline_case_fails_naming_it(tmp_path, artefacts):
+    baseline = tmp_path / "baseline.json"
+    assert run_bench(artefacts["fast"], "-n", "3", "--out", tmp_path, "--save-baseline", baseline).returncode == 0
+    document = json.loads(baseline.read_text())
+    (only,) = document["cases"]
+    document["cases"][only.replace("|b1|", "|b8|")] = dict(document["cases"][only])  # a case this run cannot time
+    baseline.write_text(json.dumps(document))
+    result = run_bench(artefacts["fast"], "-n", "3", "--out", tmp_path, "--baseline", baseline, "--tolerance", "1000")
+    assert result.returncode == bench.EXIT_REGRESSION, result.stdout + result.stderr
+    assert f"NOT COMPARED {only.replace('|b1|', '|b8|')}: not measured in this run" in result.stdout
+    assert "gate FAILED: 0 case(s) slower" in result.stdout and "1 baseline case(s) not compared" in result.stdout
+    # The same case skipped (static batch 1 asked for batch 8) is named with the reason.
+    skipped = run_bench(artefacts["fast"], "-n", "3", "-b", "1", "8", "--out", tmp_path, "--baseline", baseline,
+                        "--tolerance", "1000")
+    assert skipped.returncode == bench.EXIT_REGRESSION and "skipped: static batch 1" in skipped.stdout
+
+
+def test_a_reference_that_was_skipped_is_an_error_and_saves_nothing(tmp_path, artefacts):
+    static_4 = tmp_path / "static4.onnx"
+    model = tiny_classifier()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.save(model, str(static_4))
+    baseline = tmp_path / "baseline.json"
+    result = run_bench_cli(artefacts["fast"], "--reference", static_4, "-b", "1", "-n", "3", "--out", tmp_path / "r",
+                           "--save-baseline", baseline)
+    assert result.returncode == 2 and not baseline.exists(), result.stdout + result.stderr
+    assert result.stderr.strip() == (f"error: --reference {static_4.parent.name}/static4.onnx was not measured in any "
+                                     "case (skipped: static batch 4): choose a reference that runs at these batch sizes "
+                                     "and backends")
+    assert list((tmp_path / "r").iterdir()) == []
+
+
+@pytest.mark.parametrize("cases,message", [
+    ({"a|ort-cpu|b1|t0": {"median_ms": "fast", "ratio": None}}, "has median_ms 'fast'; expected a positive number"),
+    ({"a|ort-cpu|b1|t0": {"median_ms": -1.0}}, "has median_ms -1.0"),
+    ({"a|ort-cpu|b1|t0": [1, 2]}, "must be an object with median_ms and ratio"),
+    ({"a|ort-cpu|b1|t0": {"median_ms": None, "ratio": None}}, "has neither median_ms nor ratio"),
+    ({}, "holds no case: a gate against it would compare nothing"),
+])
+def test_a_baseline_with_wrong_values_is_one_error_line_before_measuring(tmp_path, artefacts, cases, message):
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"schema": 1, "reference": None, "cases": cases}))
+    result = run_bench_cli(artefacts["fast"], "--baseline", baseline, "--out", tmp_path / "results")
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {baseline}") and message in line
+    assert not (tmp_path / "results").exists()  # nothing measured, nothing written
+
+
+@pytest.mark.parametrize("option", ["--out", "--save-baseline"])
+def test_an_unwritable_output_is_refused_before_measuring(tmp_path, artefacts, option):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker / "sub" / ("baseline.json" if option == "--save-baseline" else "")
+    started = time.perf_counter()
+    result = run_bench_cli(artefacts["slow"], "-n", "100000", option, target)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot write ") and "Not a directory" in line
+    assert time.perf_counter() - started < 60  # 100000 slowed runs would take minutes: nothing was measured
+
+
+@pytest.mark.parametrize("flag,value", [("-n", "0"), ("--warmup", "-1"), ("-b", "0"), ("--threads", "-2"),
+                                        ("--tolerance", "nan"), ("--tolerance", "-5")])
+def test_numeric_flags_are_bounded(artefacts, flag, value):
+    result = run_bench_cli(artefacts["fast"], flag, value)
+    assert result.returncode == 2 and "error: argument" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_progress_is_not_printed_twice(tmp_path, artefacts):
+    result = run_bench_cli(artefacts["fast"], artefacts["copy"], "-n", "3", "--out", tmp_path)
+    assert result.returncode == 0 and result.stderr == ""  # not a terminal: the table alone carries the figures
+    assert result.stdout.count("fast.onnx") == 1 and result.stdout.count("copy.onnx") == 1
+    document = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert all(round(value, 2) == value for value in document["environment"]["load_average"])
+
+
+def test_tensorrt_engine_timing(tmp_path, artefacts):
+    reason = bench.tensorrt_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    from export.tensorrt_engine import build_engine, plan_engine
+
+    engine = tmp_path / "tiny.engine"
+    build_engine(plan_engine(bench.target_facts()["tensorrt"], "fp32"), artefacts["fast"], engine,
+                 {"min": 1, "opt": 1, "max": 2}, "images", IMAGE_SHAPE, None)
+    result = run_bench(engine, "-b", "1", "2", "4", "-n", "20", "--out", tmp_path, "--name", "trt")
+    assert result.returncode == 0, result.stdout + result.stderr
+    cases = {c["batch"]: c for c in json.loads((tmp_path / "trt.json").read_text())["cases"]}
+    assert cases[4]["skipped"] == "batch 4 is outside the engine's profile 1..2"
+    for batch in (1, 2):
+        assert 0 < cases[batch]["median_ms"] <= cases[batch]["end_to_end_median_ms"]
+
+
+def test_an_engine_built_elsewhere_is_refused(tmp_path, artefacts):
+    if bench.tensorrt_unavailable_reason():
+        pytest.skip(bench.tensorrt_unavailable_reason())
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model_fp16.engine").write_bytes(b"an engine from another machine")
+    (folder / "manifest.json").write_text(json.dumps({
+        "artifacts": [{"path": "model_fp16.engine", "role": "engine"}],
+        "engines": {"fp16": {"path": "model_fp16.engine", "tensorrt": "10.3.0.30", "gpu": "Orin (nvgpu)",
+                             "compute_capability": "8.7"}}}))
+    result = run_bench_cli(folder, "--out", tmp_path / "r")
+    assert result.returncode == 2 and "engines are not portable" in result.stderr, result.stderr
