@@ -1,41 +1,56 @@
-"""INT8 with explicit Q/DQ nodes for TensorRT (strongly typed, TensorRT 11) and ONNX Runtime.
+"""INT8 with explicit Q/DQ nodes for TensorRT (strongly typed, 10.x and 11.x) and ONNX Runtime.
 
-Placement (why: SPEC section 4, and measured in docs/calibration.md): only the inputs of the matrix products
-that carry weights (MatMul with a constant B, Gemm, Conv: qkv, attention projection, MLP, patch embedding,
-head) are quantised, symmetric int8 (zero point 0), weights per output channel, activations per tensor.
-Everything that is known to break ViT accuracy stays float32: residual Adds, LayerNorm, Softmax, GELU, the
-token selection (TopK/GatherElements or TokenGather) and the prediction modules, whose scores decide which
-tokens survive. The activation x activation products of attention (q.k^T, attn.v) stay float32 unless asked.
+What is quantised: only the inputs of the matrix products that carry weights (MatMul with a constant B,
+Gemm, Conv: qkv, attention projection, MLP, patch embedding, head), symmetric int8 (zero point 0), weights
+per output channel, activations per tensor. What is known to break ViT accuracy is left alone: residual
+Adds, LayerNorm, Softmax, GELU, the token selection (TopK/GatherElements or TokenGather) and every node
+under the method's ``float_scopes`` (DynamicViT: the prediction modules, whose scores decide which tokens
+survive). The activation x activation products of attention (q.k^T, attn.v) stay float unless asked.
 
-Two quantisers place the same Q/DQ: NVIDIA ModelOpt (``modelopt.onnx.quantization.quantize``, TensorRT's
-own, optional dependency) and ONNX Runtime's ``quantize_static`` (QDQ format, always available). Both
-calibrate the float32 native graph on ONNX Runtime's CPU provider. Other exports of the same model (the
-debug twin with kept-token outputs, the TokenGather plugin flavour) get the identical Q/DQ nodes, scales
-included, by ``transplant_qdq``: exported modules keep their node names across flavours.
+Where the Q/DQ go: onto the mixed float16 graph (``export.deploy.deploy_copy(model, keep, "fp16")``:
+float16 weights and activations; LayerNorm, the attention softmax and the prediction modules float32).
+TensorRT's explicit quantization is meant to be used with strong typing (TensorRT Developer Guide,
+"Explicit Quantization"; 11.x builds every network strongly typed), where every tensor keeps the type the
+graph gives it: Q/DQ on the float32 graph would run everything not quantised (softmax, LayerNorm, GELU, the
+Adds) in float32, slower than the float16 engine. On the mixed graph the quantised products run in int8 and
+the rest exactly as in the validated float16 graph. TensorRT's ONNX parser gives a DequantizeLinear the
+type of its scale in a strongly typed network, so a float16 consumer gets float16 scales; QuantizeLinear
+takes float16 input from ONNX opset 19 on, so such graphs are raised to opset 19.
+
+Calibration measures ranges on the float32 native-selection graph on ONNX Runtime's CPU provider (full
+precision ranges; float16 inference on the CPU would be slow), with NVIDIA ModelOpt
+(``modelopt.onnx.quantization.quantize``, optional) or ONNX Runtime's ``quantize_static`` (QDQ format).
+``transplant_qdq`` then puts the identical Q/DQ (scales, int8 weights) onto any other export of the same
+model: the mixed float16 graph, its debug twin with kept-token outputs, the TokenGather plugin flavour.
+Exported modules keep their node names across flavours and precisions.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import importlib.metadata
+import importlib.util
 import logging
-import os
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import numpy_helper, version_converter
 
+from calibration.onnx_graph import FLOAT_TYPES, default_opset, element_types, static_batch
 from compress.errors import PipelineError
 
 METHODS = ("auto", "modelopt", "ort")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 WEIGHTED_OP_TYPES = ("MatMul", "Gemm", "Conv")
 QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear")
-PREDICTOR_SCOPE = "/score_predictor"  # the exporter's scope of the prediction modules
+DYNAMICVIT_FLOAT_SCOPES = ("/score_predictor",)  # the exporter's scope of DynamicViT's prediction modules
+FLOAT16_QDQ_MIN_OPSET = 19  # QuantizeLinear / DequantizeLinear accept float16 from opset 19 on
+QUANTIZER_PACKAGES = ("onnxruntime.quantization", "modelopt")  # whose chatter ``quiet`` mutes
 MODELOPT_INSTALL = "pip install 'nvidia-modelopt[onnx]'  (or pip install -e '.[quant]')"
 
 
@@ -48,8 +63,9 @@ class Int8Options:
     """Where Q/DQ goes and how ranges are calibrated.
 
     calibration: "minmax" (max |x| over the set), "percentile" (ONNX Runtime only; ``percentile`` of |x|),
-    "entropy" (KL divergence; slow). ``quantize_predictors``: also quantise the prediction modules'
-    matmuls (their scores choose the tokens); ``quantize_attention``: also the q.k^T and attn.v products;
+    "entropy" (KL divergence; slow). ``quantize_predictors``: also quantise the products under the float
+    scopes (DynamicViT: the prediction modules, whose scores choose the tokens); ``quantize_attention``: also
+    the q.k^T and attn.v products;
     ``quantize_head``: the classifier. ``quantize_outputs`` (method "ort" only): also quantise each product's
     output, which lets ONNX Runtime's CPU provider fuse it into an integer kernel (QLinearMatMul); TensorRT
     fuses input-only Q/DQ by itself, so the default leaves outputs float.
@@ -81,10 +97,13 @@ def initializer_names(model: onnx.ModelProto) -> set[str]:
     return names | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
 
 
-def plan_placement(model: onnx.ModelProto, options: Int8Options = Int8Options()) -> Placement:
-    """Choose the nodes to quantise in an exported DynamicViT graph (pure: reads node names and inputs).
+def plan_placement(model: onnx.ModelProto, options: Int8Options = Int8Options(),
+                   float_scopes: tuple[str, ...] = DYNAMICVIT_FLOAT_SCOPES) -> Placement:
+    """Choose the nodes to quantise in an exported graph (pure: reads node names and inputs).
 
-    Weighted products are MatMul whose second input is a constant, every Gemm and Conv.
+    Weighted products are MatMul whose second input is a constant, every Gemm and Conv. A node whose name
+    contains one of ``float_scopes`` (exporter scopes such as ``"/score_predictor"``) stays float unless
+    ``options.quantize_predictors``.
     """
     constants = initializer_names(model)
     placement = Placement()
@@ -94,8 +113,9 @@ def plan_placement(model: onnx.ModelProto, options: Int8Options = Int8Options())
         if not node.name:
             raise QuantizationError(f"unnamed {node.op_type} node: Q/DQ placement needs the exporter's node names")
         weighted = node.op_type != "MatMul" or node.input[1] in constants
-        if PREDICTOR_SCOPE in node.name and not options.quantize_predictors:
-            placement.kept_float[node.name] = "prediction module (its scores select the kept tokens)"
+        scope = next((scope for scope in float_scopes if scope in node.name), None)
+        if scope is not None and not options.quantize_predictors:
+            placement.kept_float[node.name] = f"in float scope {scope} (its outputs select the kept tokens)"
         elif not weighted and not options.quantize_attention:
             placement.kept_float[node.name] = "attention product of two activations"
         elif node.op_type == "Gemm" and "/head" in node.name and not options.quantize_head:
@@ -112,12 +132,6 @@ def float_op_types(model: onnx.ModelProto, placement: Placement) -> list[str]:
     quantized = set(placement.quantize)
     quantized_types = {n.op_type for n in model.graph.node if n.name in quantized}
     return sorted({n.op_type for n in model.graph.node} - quantized_types - set(QDQ_OP_TYPES))
-
-
-def static_batch(model: onnx.ModelProto) -> int | None:
-    """The fixed batch of input ``images``, or None when the batch axis is dynamic."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def calibration_batches(images: np.ndarray, batch: int | None, max_batch: int = 8) -> list[np.ndarray]:
@@ -157,23 +171,73 @@ def resolve_method(method: str) -> str:
 
 
 def package_version(name: str) -> str | None:
+    """The installed version of a distribution, or None. (calibration may not import export.environment, the
+    home of the export manifest's tool versions; the INT8 report needs only these two.)"""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
+def _package_dirs(packages: tuple[str, ...]) -> tuple[str, ...]:
+    dirs = []
+    for package in packages:
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and spec.submodule_search_locations:
+            dirs.extend(spec.submodule_search_locations)
+    return tuple(dirs)
+
+
+class _FromPackages(logging.Filter):
+    """Drops records emitted from source files under ``dirs`` (and keeps every other record)."""
+
+    def __init__(self, dirs: tuple[str, ...]):
+        super().__init__()
+        self.dirs = dirs
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.pathname.startswith(self.dirs)
+
+
+def _silent_print(*args, **kwargs) -> None:
+    """Stands in for ``print`` inside the quantiser's own modules while ``quiet`` is active."""
+
+
 @contextlib.contextmanager
-def quiet():
-    """Send third-party progress prints to nowhere and mute their warnings (stdout is the build summary's)."""
+def quiet(packages: tuple[str, ...] = QUANTIZER_PACKAGES):
+    """Mute the quantisers' chatter, and only theirs (stdout belongs to the build summary).
+
+    ONNX Runtime's quantiser warns through the root logger (``logging.warning``) and its calibrators print
+    progress with ``print``: records are dropped by the source file they come from (no logger level
+    changes), the packages' own loggers are raised to ERROR, and ``print`` is shadowed in the packages'
+    loaded modules only. Everything is restored on exit; nothing else in the process is affected.
+    """
+    dirs = _package_dirs(packages)
+    if not dirs:
+        yield
+        return
+    drop = _FromPackages(dirs)
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(package) for package in packages]
+    levels = [logger.level for logger in loggers]
+    modules = [module for name, module in list(sys.modules.items())
+               if module is not None and name.startswith(packages) and not hasattr(module, "print")]
+    root.addFilter(drop)
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    for module in modules:
+        module.print = _silent_print
     try:
-        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-            yield
+        yield
     finally:
-        root.setLevel(level)
+        for module in modules:
+            del module.print
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        root.removeFilter(drop)
 
 
 def calibration_stride(num_batches: int, batch: int, max_images: int = 32) -> int:
@@ -260,36 +324,52 @@ def count_qdq(model: onnx.ModelProto) -> dict:
             "quantized_nodes": len(fed)}
 
 
+def check_float32_weights(model: onnx.ModelProto) -> None:
+    """Calibration runs on the float32 export: refuse a graph whose weighted products take another type."""
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    for node in model.graph.node:
+        weight = node.input[1] if node.op_type in WEIGHTED_OP_TYPES and len(node.input) > 1 else None
+        if weight in types and types[weight] != onnx.TensorProto.FLOAT:
+            raise QuantizationError(
+                f"node {node.name!r} has {onnx.TensorProto.DataType.Name(types[weight]).lower()} weights: calibrate "
+                "the float32 export, then transplant_qdq places the result on the mixed float16 graph")
+
+
 def quantize_for_export(
     fp32_native: onnx.ModelProto,
     calibration_images: np.ndarray,
     method: str = "auto",
     options: Int8Options = Int8Options(),
     calibration_info: dict | None = None,
+    float_scopes: tuple[str, ...] = DYNAMICVIT_FLOAT_SCOPES,
 ) -> tuple[onnx.ModelProto, dict]:
-    """Quantise the float32 native-selection export of a DynamicViT to INT8 with explicit Q/DQ.
+    """Calibrate the float32 native-selection export and give it explicit INT8 Q/DQ.
 
     fp32_native: ``export.onnx_export.export_onnx(deploy_copy(model, keep, "fp32"), "native", ...)``
     (input ``images`` [B, C, H, W] float32, static or dynamic B; with or without kept-index outputs).
     calibration_images: [N, C, H, W] float32, preprocessed like the model's eval inputs (N >= the static B).
     method: "auto" (ModelOpt when it imports, else ONNX Runtime), "modelopt" or "ort".
+    float_scopes: exporter scopes whose products stay float (the method's token-choice modules; the default
+    is DynamicViT's prediction modules).
 
-    Returns (the INT8 graph, a report dict) where the report holds: method, calibration (method name and
-    options), tool versions, calibration set hash/size/source (from ``calibration_info`` or hashed here),
-    quantised node names, float32 node names with reasons, float32 op types, and Q/DQ counts. The input
-    graph is left unchanged. Apply the identical Q/DQ to other exports of the same model (debug twin,
-    plugin flavour) with ``transplant_qdq``. Raises ``QuantizationError`` (a PipelineError).
+    Returns (the float32 graph with Q/DQ, a report dict) where the report holds: method, calibration (method
+    name and options), tool versions, calibration set hash/size/source (from ``calibration_info`` or hashed
+    here), quantised node names, float node names with reasons, float op types, and Q/DQ counts. The input
+    graph is left unchanged. The graph to deploy on TensorRT is the mixed float16 export with these Q/DQ:
+    ``transplant_qdq(quantized, export_onnx(deploy_copy(model, keep, "fp16"), flavour, ...))`` (likewise its
+    debug twin and the plugin flavour). Raises ``QuantizationError`` (a PipelineError).
     """
     if options.calibration not in CALIBRATION_METHODS:
         raise QuantizationError(f"calibration must be one of {CALIBRATION_METHODS}, got {options.calibration!r}")
     if any(n.op_type == "TokenGather" for n in fp32_native.graph.node):
         raise QuantizationError("quantise the native-selection export, then transplant_qdq onto the plugin flavour")
+    check_float32_weights(fp32_native)
     images = np.asarray(calibration_images, dtype=np.float32)
     check_images(fp32_native, images)
     chosen = resolve_method(method)
     if chosen == "modelopt" and options.calibration == "percentile":
         options = Int8Options(**{**options.to_dict(), "calibration": "minmax"})
-    placement = plan_placement(fp32_native, options)
+    placement = plan_placement(fp32_native, options, float_scopes)
     batch = static_batch(fp32_native)
     with tempfile.TemporaryDirectory(prefix="vpd-int8-") as folder:
         if chosen == "ort":
@@ -350,46 +430,41 @@ def qdq_chains(model: onnx.ModelProto) -> list[QdqChain]:
     return chains
 
 
-def transplant_qdq(quantized: onnx.ModelProto, fp32_other: onnx.ModelProto, suffix: str = "") -> onnx.ModelProto:
-    """``fp32_other`` with exactly the Q/DQ nodes (and scales, int8 weights) of ``quantized``.
+def consumer_float_type(node: onnx.NodeProto, types: dict[str, int]) -> int:
+    """The float type of a MatMul/Gemm/Conv: ONNX gives all their float inputs one type, so any known one says it."""
+    known = [types[name] for name in node.input if types.get(name) in FLOAT_TYPES]
+    if not known:
+        raise QuantizationError(f"cannot tell the float type of node {node.name!r}'s inputs for its Q/DQ scales")
+    return known[0]
 
-    ``quantized``: the result of ``quantize_for_export``; ``fp32_other``: another float32 export of the same
-    model and keep ratio (the debug twin with ``with_indices=True``, the ``plugin`` flavour, or both). Nodes
-    are matched by name; a quantised node missing from ``fp32_other`` is an error. Q/DQ shared between
-    consumers stays shared. Float weights that only fed a replaced input are dropped.
+
+def scale_as(tensor: onnx.TensorProto, float_type: int, name: str) -> onnx.TensorProto:
+    """A Q/DQ scale in the consumer's float type (the DequantizeLinear output type is the scale's type)."""
+    values = numpy_helper.to_array(tensor)
+    converted = values.astype(onnx.helper.tensor_dtype_to_np_dtype(float_type))
+    if not (np.isfinite(converted).all() and (converted > 0).all()):
+        type_name = onnx.TensorProto.DataType.Name(float_type).lower()
+        raise QuantizationError(f"Q/DQ scale {tensor.name!r} ({float(values.min()):.3g} .. "
+                                f"{float(values.max()):.3g}) is not a positive finite {type_name}")
+    return numpy_helper.from_array(converted, name)
+
+
+def transplant_qdq(quantized: onnx.ModelProto, other: onnx.ModelProto, suffix: str = "") -> onnx.ModelProto:
+    """``other`` with exactly the Q/DQ nodes (scales, int8 weights) of ``quantized``.
+
+    ``quantized``: the result of ``quantize_for_export``; ``other``: another export of the same model and keep
+    ratio: the mixed float16 graph (what TensorRT should run), a debug twin with ``with_indices=True``, the
+    ``plugin`` flavour, or the float32 graph itself. Nodes are matched by name; a quantised node missing from
+    ``other`` is an error. Scales take the float type of the node they feed (float16 in the mixed graph's
+    blocks, float32 in its float32 islands); a graph with float16 Q/DQ is converted to opset >= 19. Q/DQ
+    shared between consumers stays shared. Float weights that only fed a replaced input are dropped.
     """
-    constants = {i.name: i for i in quantized.graph.initializer}
-    target = with_opset(fp32_other, default_opset(quantized))
-    graph = target.graph
-    by_name = {n.name: n for n in graph.node if n.name}
-    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | {i.name for i in graph.input}
-    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # consumer name -> Q/DQ nodes to insert before it
-    made: dict[str, str] = {}  # source DQ name -> its output name in the target
-    copied: set[str] = set()
-
-    def fresh(name: str) -> str:
-        candidate = name + suffix
-        while candidate in taken:
-            candidate += "_t"
-        taken.add(candidate)
-        return candidate
-
-    def copy_constant(name: str) -> str:
-        if name == "" or name not in constants:
-            return name
-        if name not in copied:
-            renamed = fresh(name) if name in taken else name
-            taken.add(renamed)
-            tensor = copy.deepcopy(constants[name])
-            tensor.name = renamed
-            graph.initializer.append(tensor)
-            copied.add(name)
-            constants[renamed] = tensor
-            made["const:" + name] = renamed
-        return made["const:" + name]
-
-    for chain in qdq_chains(quantized):
-        consumer = by_name.get(chain.consumer)
+    chains = qdq_chains(quantized)
+    consumers = {n.name: n for n in other.graph.node if n.name}
+    types = element_types(other)
+    float_types = {}  # consumer name -> its float type in ``other``
+    for chain in chains:
+        consumer = consumers.get(chain.consumer)
         if consumer is None:
             raise QuantizationError(f"cannot transplant Q/DQ: node {chain.consumer!r} is not in the other graph "
                                     "(was it exported from the same model?)")
@@ -398,27 +473,68 @@ def transplant_qdq(quantized: onnx.ModelProto, fp32_other: onnx.ModelProto, suff
                                     f"but a {chain.op_type} in the quantised graph")
         if chain.index >= len(consumer.input):
             raise QuantizationError(f"cannot transplant Q/DQ: node {chain.consumer!r} has fewer inputs than expected")
-        key = chain.dequantize.name or chain.dequantize.output[0]
-        if key not in made:
+        float_types[chain.consumer] = consumer_float_type(consumer, types)
+    needs_float16_qdq = any(t != onnx.TensorProto.FLOAT for t in float_types.values())
+    opset = max(default_opset(quantized), FLOAT16_QDQ_MIN_OPSET if needs_float16_qdq else 0)
+    target = with_opset(other, opset)
+    graph = target.graph
+    constants = {i.name: i for i in quantized.graph.initializer}
+    by_name = {n.name: n for n in graph.node if n.name}
+    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # consumer name -> Q/DQ nodes to insert before it
+    made_constants: dict[tuple, str] = {}  # (constant name, scale type or None) -> its name in the target
+    made_dq: dict[tuple, str] = {}  # (DQ name, float type) -> its output's name in the target
+
+    def fresh(name: str) -> str:
+        candidate = name + suffix
+        while candidate in taken:
+            candidate += "_t"
+        taken.add(candidate)
+        return candidate
+
+    def copy_constant(name: str, float_type: int | None = None) -> str:
+        """The target's copy of a constant of ``quantized``; a float scale is converted to ``float_type``."""
+        if name == "" or name not in constants:
+            return name
+        source = constants[name]
+        is_scale = source.data_type in FLOAT_TYPES and float_type is not None and source.data_type != float_type
+        key = (name, float_type if is_scale else None)
+        if key not in made_constants:
+            renamed = fresh(name) if name in taken else name
+            taken.add(renamed)
+            if is_scale:
+                tensor = scale_as(source, float_type, renamed)
+            else:
+                tensor = copy.deepcopy(source)
+                tensor.name = renamed
+            graph.initializer.append(tensor)
+            made_constants[key] = renamed
+        return made_constants[key]
+
+    for chain in chains:
+        consumer = by_name[chain.consumer]
+        float_type = float_types[chain.consumer]
+        key = (chain.dequantize.name or chain.dequantize.output[0], float_type)
+        if key not in made_dq:
             inserted = []
             if chain.quantize is not None:
                 q = copy.deepcopy(chain.quantize)
                 q.name = fresh(q.name or "QuantizeLinear")
                 q.input[0] = consumer.input[chain.index]
                 for i in range(1, len(q.input)):
-                    q.input[i] = copy_constant(q.input[i])
+                    q.input[i] = copy_constant(q.input[i], float_type)
                 q.output[0] = fresh(q.output[0])
                 inserted.append(q)
             dq = copy.deepcopy(chain.dequantize)
             dq.name = fresh(dq.name or "DequantizeLinear")
             dq.input[0] = inserted[0].output[0] if inserted else copy_constant(dq.input[0])
             for i in range(1, len(dq.input)):
-                dq.input[i] = copy_constant(dq.input[i])
+                dq.input[i] = copy_constant(dq.input[i], float_type)
             dq.output[0] = fresh(dq.output[0])
             inserted.append(dq)
             new_nodes.setdefault(chain.consumer, []).extend(inserted)
-            made[key] = dq.output[0]
-        consumer.input[chain.index] = made[key]
+            made_dq[key] = dq.output[0]
+        consumer.input[chain.index] = made_dq[key]
 
     ordered = []
     for node in graph.node:
@@ -437,17 +553,11 @@ def drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(kept)
 
 
-def default_opset(model: onnx.ModelProto) -> int:
-    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
 def with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     """A copy of ``model`` at default-domain opset >= ``version`` (ModelOpt writes opset 19 graphs), converted
     by onnx's version converter so every node keeps its meaning; node names are preserved."""
     if default_opset(model) >= version:
         return copy.deepcopy(model)
-    from onnx import version_converter
-
     try:
         return version_converter.convert_version(model, version)
     except Exception as exc:  # the converter raises its own error types
@@ -465,17 +575,3 @@ def qdq_signature(model: onnx.ModelProto) -> list[tuple]:
         signature.append((chain.consumer, chain.index, None if scale is None else tuple(np.ravel(scale).tolist()),
                           None if zero is None else tuple(np.ravel(zero).tolist()), axis, chain.quantize is not None))
     return sorted(signature)
-
-
-def int8_debug_twin(quantized: onnx.ModelProto, fp32_debug: onnx.ModelProto) -> onnx.ModelProto:
-    """The INT8 debug twin for validation: ``fp32_debug`` (exported ``with_indices=True``) with ``quantized``'s Q/DQ."""
-    return transplant_qdq(quantized, fp32_debug)
-
-
-def summary_line(report: dict) -> str:
-    """One line for a build summary: method, calibration, counts."""
-    qdq = report["qdq"]
-    return (f"INT8 via {report['method']} ({report['calibration']['calibration']}, "
-            f"{report['calibration_set']['size']} images): {qdq['quantized_nodes']} nodes quantised, "
-            f"{qdq['dequantize_nodes']} DQ / {qdq['quantize_nodes']} Q; float32: {', '.join(report['float_op_types'])}")
-
