@@ -48,22 +48,47 @@ def plugin_loaded(plugin_build_dir):
     return plugin_build_dir
 
 
+class OnnxParseFailed(Exception):
+    """The ONNX parser rejected the model (the plugin was not found, or an attribute was refused)."""
+
+
+class EngineBuildFailed(Exception):
+    """The network parsed, and the builder produced no engine; ``errors`` holds what TensorRT logged."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("; ".join(errors) or "engine build failed")
+        self.errors = errors
+
+
+class RecordingLogger(trt.ILogger if trt is not None else object):
+    """Keeps every error TensorRT logs; the plugin logs through libnvinfer's logger, which is this one."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[str] = []
+
+    def log(self, severity, message):
+        if int(severity) <= int(trt.ILogger.Severity.ERROR):  # INTERNAL_ERROR = 0, ERROR = 1
+            self.errors.append(message)
+
+
 def build_engine(model, num_tokens, channels, max_batch=8):
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = RecordingLogger()
     builder = trt.Builder(logger)
     # Strongly typed keeps float16 tensors float16 on TensorRT 10 (on 11 every network is strongly typed).
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network(0 if flag is None else 1 << int(flag))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(model.SerializeToString()):
-        raise AssertionError("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+        raise OnnxParseFailed("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
     profile.set_shape("tokens", (1, num_tokens, channels), (2, num_tokens, channels), (max_batch, num_tokens, channels))
     profile.set_shape("scores", (1, num_tokens - 1), (2, num_tokens - 1), (max_batch, num_tokens - 1))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
-    assert serialized is not None, "engine build failed (see the TensorRT log above)"
+    if serialized is None:
+        raise EngineBuildFailed(logger.errors)
     # Deserialising in a fresh runtime checks that K and with_indices travel in the engine.
     return trt.Runtime(logger).deserialize_cuda_engine(serialized)
 
@@ -102,9 +127,12 @@ def test_engine_matches_reference(plugin_loaded, tokens_type, scores_type, with_
 
 
 def test_engine_rejects_k_larger_than_patches(plugin_loaded):
+    """K = 16 > N - 1 = 8: the node parses (K is only an attribute) and the plugin's configurePlugin refuses it."""
     model = make_token_gather_model(16, False, num_tokens=9, channels=4)
-    with pytest.raises(AssertionError):
+    with pytest.raises(EngineBuildFailed) as failure:
         build_engine(model, 9, 4)
+    assert any("K = 16 must lie in [1, N - 1] with N = 9" in message for message in failure.value.errors), \
+        failure.value.errors
 
 
 def test_dynamic_library_registers_through_load_library(plugin_build_dir):
