@@ -1,6 +1,8 @@
 """Calibration data, INT8 Q/DQ placement, Q/DQ transplant onto the mixed float16 graph, its debug twin and the
 plugin flavour, and the deployed INT8 graph of the demo model judged on its test images."""
+import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from calibration.int8 import (
     qdq_chains,
     qdq_signature,
     quantize_for_export,
+    quiet,
     transplant_qdq,
     with_opset,
 )
@@ -261,6 +264,27 @@ def test_mixed_float16_int8_flavours_agree(small_graphs, small_int8):
     np.testing.assert_array_equal(plugin[0], shipped[0])
     for kept_native, kept_plugin in zip(debug[1:], plugin[1:]):
         np.testing.assert_array_equal(kept_plugin, kept_native)
+
+
+def test_quantiser_chatter_is_muted_and_nothing_else(small_graphs, capsys, caplog):
+    """ONNX Runtime's calibrators print progress and its quantiser warns on the root logger: neither reaches
+    stdout or the log, while the process's own logging and stdout stay as they were."""
+    import onnxruntime.quantization.calibrate as calibrator
+
+    _, graphs = small_graphs
+    images = calib_data.load_calibration_set("demo", demo_preprocessing(), 8, use_cache=False).images
+    root, stdout = logging.getLogger(), sys.stdout
+    with caplog.at_level(logging.INFO):
+        level = root.level
+        quantize_for_export(graphs["native"], images, method="ort", options=Int8Options(calibration="percentile"))
+        with quiet():
+            assert root.level == level and sys.stdout is stdout
+            exec("print('calibrator progress')", vars(calibrator))  # a print inside the quantiser's module
+            logging.warning("the application's own warning")
+        exec("print('calibrator after quiet')", vars(calibrator))
+    assert capsys.readouterr().out == "calibrator after quiet\n"
+    assert [r.getMessage() for r in caplog.records] == ["the application's own warning"]
+    assert not hasattr(calibrator, "print") and not root.filters
 
 
 def test_transplant_refuses_a_graph_of_another_model(small_int8):
