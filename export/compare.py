@@ -18,8 +18,10 @@ import numpy as np
 
 RANDOM_INPUTS = "random"  # the seeded random image set: reported, never judged on top-1 agreement
 FLOAT32_MAX_ABS_ERROR = 1e-4  # float32 ONNX Runtime vs PyTorch logits
-# float32 TensorRT engines (TF32 off) vs PyTorch: GPU matrix products sum in another order than the CPU's,
-# and that difference grows with depth and width; see docs/deployment.md for the measured margin.
+# float32 TensorRT engines (TF32 off) vs PyTorch on the CPU: the same float32 arithmetic, but GPU kernels sum
+# matrix products in another order (split-K, fused attention), an error that grows with width and depth. ONNX
+# Runtime, which also sums differently, stays within 1e-4 on DeiT-S at 224; 1e-3 leaves an order of magnitude
+# for the GPU's kernels while still catching a wrong operator or precision (those err by 1e-2 and more).
 ENGINE_FLOAT32_MAX_ABS_ERROR = 1e-3
 REDUCED_PRECISION_MIN_TOP1_AGREEMENT = 0.95  # fp16 / int8 vs float32 PyTorch, on real images
 
