@@ -29,6 +29,7 @@ from compress.images import (
     check_image_source,
     load_images,
     preprocessing_for,
+    seeded_pick,
     seeded_sample,
 )
 
@@ -124,7 +125,7 @@ def load_calibration_set(
         images, cache_info = cached(cache_key(listing, preprocessing, num_images, seed), cache_root, build)
         return images
 
-    sample = load_images(source, preprocessing, num_images, seed, demo_split, through_cache)
+    sample = load_images(source, preprocessing, seeded_pick(num_images, seed), demo_split, through_cache)
     images, labels, name = sample.images, sample.labels, sample.name
     info = {"hash": array_hash(images), "size": int(len(images)), "source": name, "seed": seed,
             "requested": num_images, "preprocessing": preprocessing.to_dict(), "cache": cache_info}

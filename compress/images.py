@@ -34,6 +34,8 @@ SOURCE_HINT = f"pass a folder of images, a .npy/.npz file, or '{DEMO_SOURCE}'"
 
 # cache(listing, build) -> images: see load_images
 CacheHook = Callable[[list[str], Callable[[], np.ndarray]], np.ndarray]
+# pick(number of images the source holds) -> the indices to load
+Pick = Callable[[int], np.ndarray]
 
 
 class ImageSourceError(PipelineError):
@@ -180,8 +182,8 @@ def read_array_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         return content[npz_image_entry(list(content.files), path)], labels
 
 
-def array_file_images(path: Path, preprocessing: Preprocessing, num_images: int, seed: int) -> ImageSample:
-    """A seeded sample of a .npy/.npz file's images, checked against the model's input."""
+def array_file_images(path: Path, preprocessing: Preprocessing, pick: Pick) -> ImageSample:
+    """The picked images of a .npy/.npz file, checked against the model's input."""
     array, labels = read_array_file(path)
     expected = tuple(preprocessing.input_size)
     if array.ndim != 4:
@@ -195,7 +197,7 @@ def array_file_images(path: Path, preprocessing: Preprocessing, num_images: int,
                                f"input {expected} (resize them first, or pass a folder of image files)")
     if labels is not None and len(labels) != len(array):
         raise ImageSourceError(f"{path}: {len(labels)} labels for {len(array)} images")
-    chosen = seeded_sample(len(array), num_images, seed)
+    chosen = picked(pick, len(array), path)
     images = np.ascontiguousarray(array[chosen], dtype=np.float32)
     return ImageSample(images, None if labels is None else labels[chosen], str(path))
 
@@ -276,32 +278,49 @@ def listing_lines(root: Path, files: list[Path]) -> list[str]:
     return lines
 
 
+def seeded_pick(num_images: int, seed: int) -> Pick:
+    """Pick a fixed seeded sample of ``num_images`` (all of them when fewer exist)."""
+    if num_images < 1:
+        raise ImageSourceError(f"an image sample needs at least 1 image, got {num_images}")
+    return lambda count: seeded_sample(count, num_images, seed)
+
+
+def range_pick(first: int, num_images: int) -> Pick:
+    """Pick images ``first`` .. ``first + num_images - 1`` in the source's order (a folder's sorted listing)."""
+    return lambda count: np.arange(first, min(first + num_images, count))
+
+
+def picked(pick: Pick, count: int, source: str | os.PathLike) -> np.ndarray:
+    chosen = pick(count)
+    if len(chosen) == 0:
+        raise ImageSourceError(f"no image selected from {source}: it holds {count}")
+    return chosen
+
+
 def no_cache(listing: list[str], build: Callable[[], np.ndarray]) -> np.ndarray:
     return build()
 
 
-def load_images(source: str | os.PathLike, preprocessing: Preprocessing, num_images: int, seed: int = 0,
-                demo_split: str = "test", cache: CacheHook = no_cache) -> ImageSample:
-    """A fixed seeded sample of ``num_images`` from ``source`` (``demo``, a folder, a .npy/.npz) at
-    ``preprocessing``.
+def load_images(source: str | os.PathLike, preprocessing: Preprocessing, pick: Pick, demo_split: str = "test",
+                cache: CacheHook = no_cache) -> ImageSample:
+    """The images ``pick`` chooses (``seeded_pick``, ``range_pick``) from ``source`` (``demo``, a folder, a
+    .npy/.npz), at ``preprocessing``.
 
     ``cache(listing, build)`` returns ``build()``'s images [N, C, H, W], possibly from a store keyed by
     ``listing`` (lines that change whenever the source does); arrays from .npy/.npz files are not cached.
     """
-    if num_images < 1:
-        raise ImageSourceError(f"an image sample needs at least 1 image, got {num_images}")
     if str(source) == DEMO_SOURCE:
         labels = demo_labels(demo_split, preprocessing)
-        chosen = seeded_sample(len(labels), num_images, seed)
+        chosen = picked(pick, len(labels), demo_source_name(demo_split))
         images = cache([demo_source_name(demo_split)], lambda: demo_images(demo_split, preprocessing)[0][chosen])
         return ImageSample(images, labels[chosen], demo_source_name(demo_split))
     path = existing_source(source)
     if not path.is_dir():
-        return array_file_images(path, preprocessing, num_images, seed)
+        return array_file_images(path, preprocessing, pick)
     files = list_image_folder(path)
     if not files:
         raise no_images_error(path)
-    chosen = seeded_sample(len(files), num_images, seed)
+    chosen = picked(pick, len(files), path)
     images = cache([str(path.resolve()), *listing_lines(path, files)],
                    lambda: preprocess_files([files[i] for i in chosen], preprocessing))
     labels = folder_labels(path, files)

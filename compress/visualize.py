@@ -1,20 +1,39 @@
-"""``python -m compress.visualize``: which patch tokens each pruning stage keeps, drawn on test images.
+"""``python -m compress.visualize``: which patch tokens each pruning stage keeps, drawn on images.
 
 One row per image: the input, then one panel per stage with the dropped patches dimmed and the
-kept ones outlined; the title gives the predicted and true class. Uses the inference forward
-(deterministic top-k, the project's tie rule) at the checkpoint's keep ratio or ``--keep``.
+kept ones outlined; the title gives the predicted (and, when known, the true) class. Uses the inference
+forward (deterministic top-k, the project's tie rule) at the checkpoint's keep ratio or ``--keep``.
+Images come at the model's own input size and preprocessing from the demo test split, an image folder or a
+.npy/.npz file (the sources calibration reads).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
+from matplotlib import patches
+from matplotlib.figure import Figure
 
-from compress import engine
 from compress.checkpoint import load_dynamicvit
+from compress.cli import (
+    HelpFormatter,
+    add_version_argument,
+    exit_codes_epilog,
+    keep_ratio_argument,
+    non_negative_int,
+    positive_int,
+    run_cli,
+)
+from compress.demo import demo_checkpoint_path
 from compress.engine import prepare_output
+from compress.files import atomic_write
+from compress.images import DEMO_SOURCE, ImageSample, Preprocessing, load_images, preprocessing_for, range_pick
+
+DEFAULT_OUT = "runs/kept_tokens.png"  # an ignored folder: the picture shipped under docs/ is written on request only
 
 
 def kept_patch_masks(kept_positions: list[torch.Tensor], num_patches: int) -> torch.Tensor:
@@ -26,77 +45,90 @@ def kept_patch_masks(kept_positions: list[torch.Tensor], num_patches: int) -> to
     return masks
 
 
-def dim_dropped(image: torch.Tensor, mask: torch.Tensor, patch: int, factor: float = 0.25) -> torch.Tensor:
-    """image [H, W, 3] in [0, 1]; mask [grid*grid] of kept patches -> dropped patches darkened."""
-    grid = image.shape[0] // patch
-    pixel_keep = mask.reshape(grid, grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+def dim_dropped(image: torch.Tensor, mask: torch.Tensor, patch: tuple[int, int], factor: float = 0.25) -> torch.Tensor:
+    """image [H, W, C] in [0, 1]; mask [grid_h * grid_w] of kept patches -> dropped patches darkened."""
+    grid = (image.shape[0] // patch[0], image.shape[1] // patch[1])
+    pixel_keep = mask.reshape(grid).repeat_interleave(patch[0], 0).repeat_interleave(patch[1], 1)
     return image * (factor + (1.0 - factor) * pixel_keep.unsqueeze(-1).to(image.dtype))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m compress.visualize", description=__doc__.splitlines()[0],
-                                     formatter_class=engine.HelpFormatter)
-    parser.add_argument("--checkpoint", "-c", default=None, help="DynamicViT checkpoint (default: the shipped demo model)")
-    parser.add_argument("--keep", "-k", type=float, default=None, help="keep ratio (default: the checkpoint's)")
-    parser.add_argument("--images", "-n", type=int, default=6, help="how many demo test images")
-    parser.add_argument("--first", type=int, default=0, help="index of the first demo test image")
-    parser.add_argument("--out", "-o", default="docs/demo_kept_tokens.png", help="PNG to write")
-    return parser
+def displayable(images: np.ndarray, preprocessing: Preprocessing) -> torch.Tensor:
+    """Model inputs [N, C, H, W] -> pictures [N, H, W, C] in [0, 1] (the normalisation undone)."""
+    mean = torch.tensor(preprocessing.mean).reshape(1, -1, 1, 1)
+    std = torch.tensor(preprocessing.std).reshape(1, -1, 1, 1)
+    return (torch.from_numpy(images) * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.patches as patches
-    import matplotlib.pyplot as plt
-
-    from compress.demo import demo_checkpoint_path, demo_dataset
-
-    args = build_parser().parse_args(argv)
-    checkpoint = args.checkpoint or str(demo_checkpoint_path())
-    model = load_dynamicvit(checkpoint, keep_ratio=args.keep).model.eval()
-    data = demo_dataset("test")
-    chosen = range(args.first, min(args.first + args.images, len(data)))
-    images = torch.stack([data[i][0] for i in chosen])
-    labels = [data[i][1] for i in chosen]
+def kept_tokens_figure(model, sample: ImageSample, first: int, preprocessing: Preprocessing) -> Figure:
+    """The picture: one row per image of ``sample`` (numbered from ``first``), one column per stage."""
+    images = torch.from_numpy(sample.images)
     with torch.no_grad():
         logits, kept = model.forward_pruned(images, return_indices=True)
     masks = kept_patch_masks(kept, model.num_patches)
-    patch = model.patch_embed.patch_size[0]
-    grid = images.shape[-1] // patch
-    pictures = (images.permute(0, 2, 3, 1) * 0.5 + 0.5).clamp(0, 1)  # demo normalisation: mean = std = 0.5
+    patch = tuple(model.patch_embed.patch_size)
+    grid_width = images.shape[-1] // patch[1]
+    pictures = displayable(sample.images, preprocessing)
+    gray = pictures.shape[-1] == 1
     counts = model.stage_keep_counts()
-    columns = 1 + len(kept)
-    figure, axes = plt.subplots(len(chosen), columns, figsize=(2.0 * columns, 2.1 * len(chosen)), squeeze=False)
-    for row, index in enumerate(chosen):
-        prediction = int(logits[row].argmax())
-        axes[row][0].imshow(pictures[row].numpy())
-        axes[row][0].set_title(f"#{index}: pred {prediction} / true {labels[row]}", fontsize=8)
+    rows, columns = len(images), 1 + len(kept)
+    figure = Figure(figsize=(2.0 * columns, 2.1 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+
+    def show(axis, picture: torch.Tensor) -> None:
+        axis.imshow(picture.squeeze(-1).numpy() if gray else picture.numpy(), cmap="gray" if gray else None)
+
+    for row in range(rows):
+        truth = "" if sample.labels is None else f" / true {int(sample.labels[row])}"
+        show(axes[row][0], pictures[row])
+        axes[row][0].set_title(f"#{first + row}: pred {int(logits[row].argmax())}{truth}", fontsize=8)
         for stage in range(len(kept)):
             axis = axes[row][stage + 1]
-            axis.imshow(dim_dropped(pictures[row], masks[stage, row], patch).numpy())
+            show(axis, dim_dropped(pictures[row], masks[stage, row], patch))
             for position in kept[stage][row].tolist():
-                y, x = divmod(position, grid)
-                axis.add_patch(patches.Rectangle((x * patch - 0.5, y * patch - 0.5), patch, patch, fill=False,
-                                                 edgecolor="tab:orange", linewidth=0.6))
+                y, x = divmod(position, grid_width)
+                axis.add_patch(patches.Rectangle((x * patch[1] - 0.5, y * patch[0] - 0.5), patch[1], patch[0],
+                                                 fill=False, edgecolor="tab:orange", linewidth=0.6))
             if row == 0:
                 block = model.config.pruning_locations[stage]
-                axis.set_title(f"stage {stage + 1} (before block {block}):\n{counts[stage]}/{model.num_patches} kept", fontsize=8)
+                axis.set_title(f"stage {stage + 1} (before block {block}):\n{counts[stage]}/{model.num_patches} kept",
+                               fontsize=8)
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
     figure.suptitle(f"DynamicViT keep ratio {model.keep_ratio}: patches kept per stage (dimmed = dropped)", fontsize=9)
     figure.tight_layout()
-    out = Path(args.out)
-    prepare_output(out.parent)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    print(f"wrote {out}")
+    return figure
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m compress.visualize", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter, epilog=exit_codes_epilog())
+    add_version_argument(parser)
+    parser.add_argument("--checkpoint", "-c", default=None, help="DynamicViT checkpoint (default: the shipped demo model)")
+    parser.add_argument("--keep", "-k", type=keep_ratio_argument, default=None,
+                        help="keep ratio in (0, 1] (default: the checkpoint's)")
+    parser.add_argument("--data", default=DEMO_SOURCE,
+                        help="images to draw: 'demo' (its test split), an image folder (root/<class>/... gives the "
+                             "true class) or a .npy/.npz, preprocessed at the model's input size")
+    parser.add_argument("--images", "-n", type=positive_int, default=6, help="how many images")
+    parser.add_argument("--first", type=non_negative_int, default=0,
+                        help="index of the first image (a folder's images in sorted order)")
+    parser.add_argument("--out", "-o", type=Path, default=Path(DEFAULT_OUT), help="PNG to write")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prepare_output(args.out.parent)  # an unwritable destination is refused before the model runs
+    loaded = load_dynamicvit(args.checkpoint or demo_checkpoint_path(), keep_ratio=args.keep)
+    model = loaded.model.eval()
+    preprocessing = preprocessing_for(model, loaded.metadata)
+    sample = load_images(args.data, preprocessing, range_pick(args.first, args.images))
+    figure = kept_tokens_figure(model, sample, args.first, preprocessing)
+    atomic_write(args.out, lambda path: figure.savefig(path, format="png", dpi=110))
+    print(f"wrote {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    from compress.cli import run_cli
-
-    raise SystemExit(run_cli(main))
+    sys.exit(run_cli(main))
