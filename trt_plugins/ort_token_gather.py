@@ -12,7 +12,11 @@ ties), so the result equals the TensorRT plugin bit for bit. CastLike needs ai.o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import signal
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -136,17 +140,55 @@ def to_onnxruntime_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return rewritten
 
 
+@contextlib.contextmanager
+def sigint_held():
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it to the handler that was in place.
+
+    The TokenGather op is Python code that ONNX Runtime calls from C++. Python raises KeyboardInterrupt at the
+    next bytecode its main thread runs, which during ``session.run`` is inside that op: the exception then has
+    to cross pybind11 and ONNX Runtime's C++ frames, and can end in std::terminate (exit 134) instead of an
+    orderly unwind. Holding the signal for the length of one run (milliseconds to seconds) keeps Ctrl-C a
+    plain KeyboardInterrupt raised from Python. Signal handlers can only be changed on the main thread; other
+    threads never receive KeyboardInterrupt and run unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received and callable(previous):
+        previous(signal.SIGINT, received[0])
+    elif received and previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
+
+
 def make_session(model: onnx.ModelProto, providers: Sequence[str] = ("CPUExecutionProvider",),
                  session_options=None):
-    """An onnxruntime.InferenceSession running model, TokenGather nodes included (on the CPU, in Python)."""
+    """An onnxruntime.InferenceSession running model, TokenGather nodes included (on the CPU, in Python).
+
+    Its ``run`` holds Ctrl-C until ONNX Runtime returns (see ``sigint_held``).
+    """
     import onnxruntime as ort
     from onnxruntime_extensions import get_library_path
 
     register_custom_ops()
     options = session_options if session_options is not None else ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
-    return ort.InferenceSession(to_onnxruntime_model(model).SerializeToString(), options,
-                                providers=list(providers))
+    session = ort.InferenceSession(to_onnxruntime_model(model).SerializeToString(), options,
+                                   providers=list(providers))
+    run = session.run
+
+    @functools.wraps(run)
+    def run_holding_sigint(*args, **kwargs):
+        with sigint_held():
+            return run(*args, **kwargs)
+
+    session.run = run_holding_sigint
+    return session
 
 
 def make_token_gather_model(k: int, with_indices: bool = False, tokens_type: int = TensorProto.FLOAT,
