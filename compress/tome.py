@@ -140,13 +140,15 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     slots = torch.arange(candidates, device=metric.device, dtype=torch.float32)
     # Row k of each one-hot matrix marks the candidate that fills output slot k.
     merged = rank[:, None, :] == slots[:r, None]  # [B, r, nA - 1]
-    is_kept = (rank >= r).float()  # [B, nA - 1]
-    kept_before = is_kept @ torch.ones(candidates, candidates, device=metric.device).triu(1)  # kept with lower index
-    kept = (kept_before[:, None, :] == slots[: candidates - r, None]) & is_kept.bool()[:, None, :]
     merged_candidates = positions_of(merged)
     merged_into = torch.gather(best_b, 1, merged_candidates)
-    cls = torch.zeros_like(merged_candidates[:, :1])
-    return Matching(torch.cat([cls, positions_of(kept) + 1], dim=1), merged_candidates + 1, merged_into)
+    kept_a = torch.zeros_like(merged_candidates[:, :1])  # CLS
+    if r < candidates:  # (a static decision: empty tensors are best kept out of exported graphs)
+        is_kept = (rank >= r).float()  # [B, nA - 1]
+        kept_before = is_kept @ torch.ones(candidates, candidates, device=metric.device).triu(1)
+        kept = (kept_before[:, None, :] == slots[: candidates - r, None]) & is_kept.bool()[:, None, :]
+        kept_a = torch.cat([kept_a, positions_of(kept) + 1], dim=1)
+    return Matching(kept_a, merged_candidates + 1, merged_into)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -210,6 +212,20 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | N
 # ----------------------------------------------------------------------------- the model
 
 
+class TokenMerge(nn.Module):
+    """One block's merge as a module (no parameters), so exported graphs name its nodes ``/token_merge/...``:
+    INT8 quantisation leaves that scope in floating point (its scores decide which tokens merge)."""
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, flavour: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, t, C], size [B, t, 1] or None (all ones), metric [B, t, c] -> x [B, t - r, C], size, codes [B, r]."""
+        matching = bipartite_soft_matching(metric, r)
+        if size is None:
+            size = torch.ones_like(x[..., :1], dtype=torch.float32)
+        merged, size = merge_weighted_average(x, size, matching, flavour)
+        return merged, size, merge_decisions(matching, x.shape[1])
+
+
 class ToMeViT(nn.Module):
     """ToMe over a timm ``VisionTransformer`` (or a DynamicViT, which holds the same parts): stateless.
 
@@ -232,6 +248,7 @@ class ToMeViT(nn.Module):
         self.num_patches = int(self.patch_embed.num_patches)
         self.data_config = getattr(backbone, "data_config", None)
         self.merge_flavour = "scatter"
+        self.token_merge = TokenMerge()
         self.r_schedule = parse_r_schedule(r, len(self.blocks))
 
     @property
@@ -248,9 +265,9 @@ class ToMeViT(nn.Module):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.patch_embed.proj.in_channels, *self.patch_embed.img_size)
 
-    def token_counts(self) -> list[int]:
-        """Tokens entering each block, then after the last (CLS included)."""
-        return token_counts(self.num_patches + 1, self.r_schedule)
+    def token_counts(self, schedule: Sequence[int] | None = None) -> list[int]:
+        """Tokens entering each block, then after the last (CLS included), at ``schedule`` (default: the model's)."""
+        return token_counts(self.num_patches + 1, self.r_schedule if schedule is None else schedule)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> tokens [B, 1 + N, C] (CLS first, position embedding added)."""
@@ -266,11 +283,8 @@ class ToMeViT(nn.Module):
             x = x + block.drop_path1(block.ls1(attended))
             r = merges_in_block(x.shape[1], r)
             if r > 0:
-                matching = bipartite_soft_matching(metric, r)
-                decisions.append(merge_decisions(matching, x.shape[1]))
-                if size is None:
-                    size = torch.ones_like(x[..., :1], dtype=torch.float32)
-                x, size = merge_weighted_average(x, size, matching, self.merge_flavour)
+                x, size, codes = self.token_merge(x, size, metric, r, self.merge_flavour)
+                decisions.append(codes)
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         x = self.norm(x)
         return self.head(self.head_drop(self.fc_norm(x[:, 0]))), decisions
@@ -278,11 +292,11 @@ class ToMeViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_with_decisions(images)[0]
 
-    def macs(self) -> int:
-        """Analytic multiply-accumulates of one image (see ``tome_macs``)."""
+    def macs(self, schedule: Sequence[int] | None = None) -> int:
+        """Analytic multiply-accumulates of one image at ``schedule`` (default: the model's; see ``tome_macs``)."""
         patch = self.patch_embed.proj
         stem = self.num_patches * patch.in_channels * patch.kernel_size[0] * patch.kernel_size[1] * self.embed_dim
-        return tome_macs(self.token_counts(), self.embed_dim, self.blocks[0].mlp.fc1.out_features,
+        return tome_macs(self.token_counts(schedule), self.embed_dim, self.blocks[0].mlp.fc1.out_features,
                          self.blocks[0].attn.head_dim, stem, self.embed_dim * self.num_classes)
 
 

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from compress import tome
+from export.compare import onnxruntime_session, session_runner
+from export.tome_export import MIN_TENSORRT_VERSION, ToMeExport, ToMeExportError, check_tensorrt_version
 
 GOLDEN = Path(__file__).parent / "data" / "tome_reference.npz"
 WEIGHT_SEED = {"deit_small_patch16_224": 1501, "deit_base_patch16_224": 1502}
 PARITY_R = (8, 16)
 PARITY_TOLERANCE = 1e-4  # max abs logit difference to the reference ToMe (float32, CPU)
+TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)  # 65 tokens
 
 
 # ----------------------------------------------------------------------------- deterministic inputs and weights
@@ -172,3 +175,104 @@ def test_parity_with_the_reference_tome_at_r8_and_r16(golden, model_name):
         groups = final_groups([d.numpy() for d in decisions], model.token_counts())
         assert np.array_equal(groups, golden[f"{model_name}/r{r}/final_group"].astype(np.int64))
     assert model.token_counts()[-1] == 11
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+
+def tiny_tome(r=0):
+    return tome.create_tome("vit_small_patch16_224", r, **TINY)
+
+
+def run_onnx(proto, images: torch.Tensor) -> list[np.ndarray]:
+    return session_runner(onnxruntime_session(proto))(images.numpy())
+
+
+@pytest.mark.parametrize("flavour", ["onehot", "scatter"])
+def test_onnx_runtime_matches_pytorch_with_identical_decisions(flavour):
+    model, method = tiny_tome(), ToMeExport([8, 4, 16, 2])
+    deployed = method.deploy_copy(model, "fp32")
+    proto = method.export_onnx(deployed, flavour, batch_size=2, dynamic_batch=True, opset=17, with_debug=True)
+    assert [o.name for o in proto.graph.output] == ["logits", *method.debug_output_names(model)]
+    ops = {node.op_type for node in proto.graph.node}
+    assert not ops & {"If", "Loop", "Sort", "TopK", "ScatterND"}
+    assert ("ScatterElements" in ops) == (flavour == "scatter")
+    if flavour == "scatter":
+        scatter = next(node for node in proto.graph.node if node.op_type == "ScatterElements")
+        assert {a.name: a for a in scatter.attribute}["reduction"].s == b"add"
+    assert any(method.float_scopes[0] in node.name for node in proto.graph.node)
+    reference = method.reference(model)
+    for batch in (3, 1):
+        images = torch.randn(batch, 3, 64, 64)
+        logits, decisions = reference(images)
+        outputs = run_onnx(proto, images)
+        assert np.abs(outputs[0] - logits).max() <= 1e-4
+        assert len(outputs) - 1 == len(decisions) == 4
+        for onnx_codes, torch_codes in zip(outputs[1:], decisions):
+            assert onnx_codes.dtype == np.int64 and np.array_equal(onnx_codes, torch_codes)
+    assert model.r_schedule == (0, 0, 0, 0)  # the export never changes the model it was given
+
+
+class MatchingGraph(torch.nn.Module):
+    """metric -> merge codes: the matching alone, to feed ONNX constructed ties."""
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, metric):
+        return tome.merge_decisions(tome.bipartite_soft_matching(metric, self.r), metric.shape[1])
+
+
+def test_onnx_follows_the_tie_rule_on_constructed_ties():
+    metric = torch.zeros(2, 11, 4)
+    metric[:, 2::2] = torch.tensor([1.0, 0.5, 0.0, 0.0])  # every A candidate ties
+    metric[:, 1::2] = torch.tensor([0.5, 1.0, 0.0, 0.0])  # every B token ties
+    metric[:, 0] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    metric[1, 7] = torch.tensor([1.0, 0.5, 0.0, 0.0])  # row 1: B index 3 is the exact match of every candidate
+    metric[1, 8] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # row 1: A index 4 matches nothing well
+    from export.tome_export import export_module
+
+    proto = export_module(MatchingGraph(3).eval(), metric, ["codes"], dynamic_batch=False, opset=17)
+    onnx_codes = session_runner(onnxruntime_session(proto))(metric.numpy())[0]
+    expected = [[2 * 11 + 1, 4 * 11 + 1, 6 * 11 + 1], [2 * 11 + 7, 4 * 11 + 7, 6 * 11 + 7]]
+    assert MatchingGraph(3)(metric).tolist() == expected
+    assert onnx_codes.tolist() == expected
+
+
+def test_float16_graph_keeps_the_merge_in_float32_and_stays_close():
+    model, method = tiny_tome(), ToMeExport(8)
+    proto = method.export_onnx(method.deploy_copy(model, "fp16"), "onehot", 4, False, 17, True)
+    merge_inputs = [node for node in proto.graph.node if node.name.startswith("/token_merge") and node.op_type == "MatMul"]
+    types = {value.name: value.type.tensor_type.elem_type for value in proto.graph.value_info}
+    assert merge_inputs and all(types.get(name, 1) == 1 for node in merge_inputs for name in node.input)  # 1: float32
+    images = torch.randn(4, 3, 64, 64)
+    outputs = run_onnx(proto, images)
+    logits, _ = method.reference(model)(images)
+    assert np.isfinite(outputs[0]).all() and np.abs(outputs[0] - logits).max() <= 1e-2
+
+
+def test_manifest_entry_macs_and_tensorrt_minimum():
+    model, method = tome.create_tome("deit_small_patch16_224"), ToMeExport(16)
+    entry = method.describe(model)
+    assert entry["tokens_per_block"][-1] == 11 and entry["r_schedule"] == [16] * 12
+    assert entry["merges_per_block"] == [16] * 11 + [10]
+    dense, merged = ToMeExport(0).macs(model), method.macs(model)
+    assert 4.55e9 < dense < 4.65e9 and 0.45 * dense < merged < 0.52 * dense  # DeiT-S: 4.6 GMACs dense
+    assert ToMeExport(0).debug_output_names(model) == [] and len(method.debug_output_names(model)) == 12
+    check_tensorrt_version("scatter", "10.3.0.30")
+    with pytest.raises(ToMeExportError, match=MIN_TENSORRT_VERSION["scatter"]):
+        check_tensorrt_version("scatter", "8.6.1")
+    with pytest.raises(ToMeExportError, match="flavour"):
+        method.export_onnx(method.deploy_copy(model, "fp32"), "topk", 1, False, 17, False)
+
+
+@pytest.mark.slow
+def test_onnx_runtime_deit_s_agrees_with_the_reference_tome(golden):
+    images = images_from_bytes(golden["images_uint8"])
+    model, method = seeded_tome("deit_small_patch16_224", 0), ToMeExport(16)
+    proto = method.export_onnx(method.deploy_copy(model, "fp32"), "onehot", 2, False, 17, True)
+    outputs = run_onnx(proto, images)
+    assert np.abs(outputs[0] - golden["deit_small_patch16_224/r16/logits"]).max() <= PARITY_TOLERANCE
+    groups = final_groups(outputs[1:], tome.token_counts(197, (16,) * 12))
+    assert np.array_equal(groups, golden["deit_small_patch16_224/r16/final_group"].astype(np.int64))
