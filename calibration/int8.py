@@ -48,6 +48,9 @@ METHODS = ("auto", "modelopt", "ort")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 WEIGHTED_OP_TYPES = ("MatMul", "Gemm", "Conv")
 QDQ_OP_TYPES = ("QuantizeLinear", "DequantizeLinear")
+# Ops that read only a tensor's shape: a quantiser may route them through a DQ output (ONNX Runtime does for the
+# batch-size Shape nodes of a dynamic-batch graph), which is no quantised use of the values.
+SHAPE_ONLY_OP_TYPES = ("Shape", "Size")
 DYNAMICVIT_FLOAT_SCOPES = ("/score_predictor",)  # the exporter's scope of DynamicViT's prediction modules
 FLOAT16_QDQ_MIN_OPSET = 19  # QuantizeLinear / DequantizeLinear accept float16 from opset 19 on
 QUANTIZER_PACKAGES = ("onnxruntime.quantization", "modelopt")  # whose chatter ``quiet`` mutes
@@ -317,8 +320,7 @@ def quantize_with_modelopt(model: onnx.ModelProto, images: np.ndarray, batch: in
 def count_qdq(model: onnx.ModelProto) -> dict:
     """Q/DQ statistics: quantised tensors (one DequantizeLinear each), activation pairs (Q + DQ), nodes fed."""
     nodes = model.graph.node
-    dq_outputs = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
-    fed = {n.name for n in nodes if n.op_type not in QDQ_OP_TYPES and any(i in dq_outputs for i in n.input)}
+    fed = {chain.consumer for chain in qdq_chains(model)}
     return {"dequantize_nodes": sum(n.op_type == "DequantizeLinear" for n in nodes),
             "quantize_nodes": sum(n.op_type == "QuantizeLinear" for n in nodes),
             "quantized_nodes": len(fed)}
@@ -415,18 +417,23 @@ class QdqChain:
 
 
 def qdq_chains(model: onnx.ModelProto) -> list[QdqChain]:
-    """Every (consumer node, input) fed through a DequantizeLinear, in graph order."""
+    """Every (consumer node, input) whose values come through a DequantizeLinear, in graph order.
+
+    Shape-only consumers (``SHAPE_ONLY_OP_TYPES``) are no quantised use and are left out: a transplant leaves
+    them reading the float tensor, whose shape is the same.
+    """
     producer = {o: n for n in model.graph.node for o in n.output}
     chains = []
     for node in model.graph.node:
-        if node.op_type in QDQ_OP_TYPES:
+        if node.op_type in QDQ_OP_TYPES or node.op_type in SHAPE_ONLY_OP_TYPES:
             continue
         for index, name in enumerate(node.input):
             dq = producer.get(name)
             if dq is None or dq.op_type != "DequantizeLinear":
                 continue
             q = producer.get(dq.input[0])
-            chains.append(QdqChain(node.name, node.op_type, index, dq, q if q is not None and q.op_type == "QuantizeLinear" else None))
+            q = q if q is not None and q.op_type == "QuantizeLinear" else None
+            chains.append(QdqChain(node.name, node.op_type, index, dq, q))
     return chains
 
 

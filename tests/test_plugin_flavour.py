@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from calibration.int8 import quantize_for_export, transplant_qdq
 from compress import create_dynamicvit
 from export.deploy import deploy_copy
 from export.onnx_export import export_onnx
@@ -21,8 +22,9 @@ KEEP = 0.7
 TRACED_BATCH = 2  # the profile's OPT in export.build; the checks below run at other batches
 CHECKED_BATCHES = (1, 5)
 # The two flavours compute the same float operations on the same tokens (the gather is an exact copy),
-# so float32 logits may differ only by ONNX Runtime's kernel choices; float16 graphs by float16 rounding.
-LOGIT_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
+# so float32 logits may differ only by ONNX Runtime's kernel choices; float16 graphs (INT8: float16 + Q/DQ)
+# by float16 rounding.
+LOGIT_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "int8": 1e-2}
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +38,20 @@ def dynamic_graph(model, flavour: str, precision: str):
                        with_indices=True)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def int8_graphs(model):
+    """Q/DQ calibrated on the float32 native graph, placed on the mixed float16 native and plugin graphs."""
+    images = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    quantized, _ = quantize_for_export(dynamic_graph(model, "native", "fp32"), images, method="ort")
+    return (transplant_qdq(quantized, dynamic_graph(model, "native", "fp16")),
+            transplant_qdq(quantized, dynamic_graph(model, "plugin", "fp16")))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_plugin_flavour_with_dynamic_batch_equals_native(model, precision):
-    native = dynamic_graph(model, "native", precision)
-    plugin = dynamic_graph(model, "plugin", precision)
+    if precision == "int8":
+        native, plugin = int8_graphs(model)
+    else:
+        native, plugin = dynamic_graph(model, "native", precision), dynamic_graph(model, "plugin", precision)
     gathers = [n for n in plugin.graph.node if n.op_type == PLUGIN_NAME and n.domain == ONNX_DOMAIN]
     assert len(gathers) == len(model.config.pruning_locations)
     assert plugin.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
