@@ -40,9 +40,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from compress.cli import run_cli
+from compress.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, run_cli
 from compress.errors import PipelineError
 from compress.files import atomic_write
+from export.engine import engine_problem, read_manifest
 from export.environment import (command_output, cuda_devices, load_average, target_facts, tensorrt_unavailable_reason,
                                 tool_versions)
 
@@ -138,19 +139,6 @@ def discover(text: str) -> list[Artefact]:
     if kind is None:
         raise BenchError(f"{path}: not an export folder, .onnx, engine ({', '.join(ENGINE_SUFFIXES)}) or checkpoint")
     return [Artefact(label or f"{path.resolve().parent.name}/{path.name}", path, kind)]
-
-
-def read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise BenchError(f"{folder} is a folder without manifest.json (not an export.build output)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BenchError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts", []), list):
-        raise BenchError(f"{path} is not an export manifest")
-    return manifest
 
 
 def backends_for(kind: str, wanted: Sequence[str], available: dict[str, str | None]) -> list[tuple[str, str | None]]:
@@ -249,8 +237,6 @@ def engine_refusal(artefact: Artefact, here: dict) -> str | None:
     """Why an engine of an export folder must not run here: built by another TensorRT or for another GPU."""
     if artefact.kind != "engine" or artefact.manifest is None:
         return None  # a lone engine file: TensorRT itself refuses one it cannot run
-    from export.engine import engine_problem
-
     problem = engine_problem(artefact.manifest, artefact.path.name, here)
     return f"refusing {artefact.path}: {problem}" if problem else None
 
@@ -443,47 +429,23 @@ def environment() -> dict:
 # ----------------------------------------------------------------------------- command line
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export.bench",
-                                     description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    description, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m export.bench", description=description.split(": ", 1)[1], formatter_class=HelpFormatter,
+        epilog=details.rsplit("\nExit codes:", 1)[0] + "\n\n" + exit_codes_epilog(
+            (EXIT_REGRESSION, "the gate failed: a case regressed, or a baseline case could not be compared")))
     parser.add_argument("artefacts", nargs="+", metavar="ARTEFACT",
                         help="export folder (with manifest.json), .onnx, engine (.engine/.plan) or checkpoint "
                              "(.pth/.pt/.safetensors); LABEL=PATH names it (default label: <folder>/<file>)")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                         help="backends to time (default: every one that can run each artefact here)")
-    parser.add_argument("--batch-size", "-b", type=whole_number(1), nargs="+", default=[1],
+    parser.add_argument("--batch-size", "-b", type=bounded(int, 1), nargs="+", default=[1],
                         help="batch sizes; static-batch graphs run only at their own (default: 1)")
-    parser.add_argument("--threads", type=whole_number(0), nargs="+", default=[0],
+    parser.add_argument("--threads", type=bounded(int, 0), nargs="+", default=[0],
                         help="CPU threads for ONNX Runtime and PyTorch, 0 = the framework's default (default: 0)")
-    parser.add_argument("--warmup", type=whole_number(0), default=10, help="untimed runs before timing (default: 10)")
-    parser.add_argument("--iterations", "-n", type=whole_number(1), default=100,
+    parser.add_argument("--warmup", type=bounded(int, 0), default=10, help="untimed runs before timing (default: 10)")
+    parser.add_argument("--iterations", "-n", type=bounded(int, 1), default=100,
                         help="timed runs per case (default: 100)")
     parser.add_argument("--keep", type=float, default=None,
                         help="keep ratio for checkpoints timed in PyTorch (default: the checkpoint's)")
@@ -491,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label or path of the artefact every case is divided by (adds ratios; the gate then "
                              "compares ratios) (default: none)")
     parser.add_argument("--baseline", type=Path, default=None, help="gate against this baseline file (default: no gate)")
-    parser.add_argument("--tolerance", type=non_negative, default=10.0,
+    parser.add_argument("--tolerance", type=bounded(float, 0), default=10.0,
                         help="percent a case may be slower than the baseline (default: 10)")
     parser.add_argument("--save-baseline", type=Path, default=None,
                         help="write this run as a baseline file (default: not written)")
@@ -500,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None,
                         help="file stem of the results, written as NAME.json and NAME.csv "
                              "(default: bench_<cpu count>cpu_ort<version>_<timestamp>)")
-    return parser
+    return add_version_argument(parser)
 
 
 def resolve_reference(reference: str | None, artefacts: list[Artefact]) -> tuple[str | None, list[Artefact]]:

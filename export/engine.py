@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from compress.cli import run_cli
+from compress.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, run_cli
 from compress.errors import PipelineError
 from compress.files import atomic_write
 from export.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS,
@@ -61,8 +61,8 @@ def read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportFolderError(f"cannot read {path}: {exc}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list) or "batch" not in manifest:
-        raise ExportFolderError(f"{path} is not an export manifest (no artifacts or batch profile)")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
+        raise ExportFolderError(f"{path} is not an export manifest (no list of artifacts)")
     return manifest
 
 
@@ -230,32 +230,24 @@ def engine_problem(manifest: dict, engine_file: str, here: dict) -> str | None:
 # ----------------------------------------------------------------------------- command line
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     default_backend = "trt" if tensorrt_unavailable_reason() is None else "ort"
-    parser = argparse.ArgumentParser(prog="python -m export.engine", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    description, _, details = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m export.engine", description=description.split(": ", 1)[1], formatter_class=HelpFormatter,
+        epilog=details.rsplit("\nExit codes:", 1)[0] + "\n\n" + exit_codes_epilog(
+            (EXIT_DISAGREES, "a graph or engine disagrees with the golden data (an engine is then not published)")))
     parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="an export folder with manifest.json")
     parser.add_argument("--backend", choices=("trt", "ort"), default=default_backend,
                         help="trt: build, check and time TensorRT engines; ort: check the ONNX graphs on ONNX "
                              f"Runtime (default: trt where TensorRT and a GPU are present, else ort; here: {default_backend})")
-    parser.add_argument("--warmup", type=positive_int, default=10, help="untimed engine runs before timing (default: 10)")
-    parser.add_argument("--iterations", "-n", type=positive_int, default=50,
+    parser.add_argument("--warmup", type=bounded(int, 0), default=10, help="untimed engine runs before timing (default: 10)")
+    parser.add_argument("--iterations", "-n", type=bounded(int, 1), default=50,
                         help="timed engine runs per batch size (default: 50)")
     parser.add_argument("--timing-cache-dir", type=Path, default=None,
                         help="folder of the TensorRT timing caches, one per TensorRT version and GPU "
                              "(default: the export folder's parent)")
-    return parser
+    return add_version_argument(parser)
 
 
 def print_comparisons(label: str, comparisons: Sequence[Comparison]) -> None:
@@ -275,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     folder = args.export_dir
     manifest = read_manifest(folder)
+    if not isinstance(manifest.get("batch"), dict) or not isinstance(manifest.get("input"), dict):
+        raise ExportFolderError(f"{folder / 'manifest.json'} has no batch profile or input description")
     golden = load_golden(folder, manifest)
     if args.backend == "ort":
         results = check_onnx(folder, manifest, golden)

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compress.cli import run_cli
+from compress.errors import PipelineError
 from export import bench
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_artefact_discovery(tmp_path, artefacts):
     (tmp_path / "model.engine").write_bytes(b"not really")
     assert bench.discover(str(tmp_path / "model.engine"))[0].kind == "engine"
     for bad in (tmp_path / "missing.onnx", tmp_path):
-        with pytest.raises(bench.BenchError):
+        with pytest.raises(PipelineError):
             bench.discover(str(bad))
 
 

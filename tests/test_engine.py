@@ -1,8 +1,7 @@
 """export.engine and export.tensorrt_engine: version logic, trtexec lines, portability, and the target-side check.
 
 The export folder is the demo model exported by export.build (plugin flavour, mixed float16, dynamic batch
-1,2,4); until export.build writes debug twins and golden data itself, the fixture adds them from the same
-model with the same export functions. The check then runs the real CLI, also with torch and timm unimportable.
+1,2,4), with its debug twins and golden data; the check runs the real CLI, also with torch and timm unimportable.
 """
 from __future__ import annotations
 
@@ -14,54 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from compress.checkpoint import load_dynamicvit
-from compress.data import demo_dataset
-from compress.demo import demo_checkpoint_path
 from export import engine as engine_cli
-from export.deploy import deploy_copy
-from export.golden import GOLDEN_FILE, debug_file_name, debug_role, sha256_of, write_golden
-from export.onnx_export import export_onnx
+from export.golden import GOLDEN_FILE, sha256_of
 from export.tensorrt_engine import (plan_engine, portability_problem, tensorrt_unavailable_reason, timing_cache_path,
                                     trtexec_commands, trtexec_text)
-from export.validate import RANDOM_INPUTS, pytorch_reference
 
 REPO = Path(__file__).resolve().parents[1]
-VALIDATION_SEED = 0  # export.build's seed for the random validation images
-DEMO_TEST_IMAGES = 32  # export.build validates the demo model on the first 32 images of its test split
-ROLE_GRAPH = {"onnx": ("native", "fp32"), "onnx_plugin": ("plugin", "fp32"), "onnx_fp16": ("plugin", "fp16")}
 HERE_10_3 = {"tensorrt": "10.3.0.30", "gpu": "Orin (nvgpu)", "compute_capability": "8.7"}
 DEPRECATED_ON_11 = ("--fp16", "--int8", "--best", "--stronglyTyped", "--useCudaGraph", "--noDataTransfers",
                     "--useSpinWait")
-
-
-def add_debug_twins_and_golden(out: Path) -> None:
-    """What export.build is to write: each graph's debug twin and the golden data (skipped when present)."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    roles = {a["role"] for a in manifest["artifacts"]}
-    if "golden" in roles:
-        return
-    model = load_dynamicvit(demo_checkpoint_path()).model.eval()
-    model.keep_ratio = manifest["keep_ratio"]
-    test = demo_dataset("test", random_placement=False)
-    batch = manifest["batch"]
-    for artifact in list(manifest["artifacts"]):
-        if artifact["role"] not in ROLE_GRAPH:
-            continue
-        flavour, precision = ROLE_GRAPH[artifact["role"]]
-        twin = export_onnx(deploy_copy(model, model.keep_ratio, precision), flavour, batch_size=batch["opt"],
-                           dynamic_batch=batch["dynamic"], opset=manifest["opset"], with_indices=True)
-        name = debug_file_name(artifact["path"])
-        (out / name).write_bytes(twin.SerializeToString())
-        manifest["artifacts"].append({"path": name, "role": debug_role(artifact["role"]), "sha256": sha256_of(out / name)})
-    generator = torch.Generator().manual_seed(VALIDATION_SEED)
-    shape = manifest["input"]["shape"][1:]
-    input_sets = {RANDOM_INPUTS: torch.randn(batch["opt"], *shape, generator=generator),
-                  "demo-test": torch.stack([test[i][0] for i in range(DEMO_TEST_IMAGES)])}
-    references = {name: pytorch_reference(model, images) for name, images in input_sets.items()}
-    manifest["artifacts"].append(write_golden(out, {n: i.numpy() for n, i in input_sets.items()}, references))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +32,8 @@ def export_folder(tmp_path_factory) -> Path:
                             "--dynamic-batch", "1,2,4", "--backend", "ort", "--out", str(out)], capture_output=True,
                            text=True, cwd=REPO, timeout=600)
     assert built.returncode == 0, built.stderr
-    add_debug_twins_and_golden(out)
+    roles = {a["role"] for a in json.loads((out / "manifest.json").read_text())["artifacts"]}
+    assert {"golden", "onnx_debug", "onnx_plugin_debug", "onnx_fp16_debug", "trtexec"} <= roles, roles
     return out
 
 
@@ -155,6 +117,7 @@ def test_timing_cache_is_keyed_by_tensorrt_version_and_gpu(tmp_path):
 # ----------------------------------------------------------------------------- the check on ONNX Runtime
 
 
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
 def test_ort_check_passes_at_min_opt_and_max(export_folder):
     result = run_engine_cli(export_folder, "--backend", "ort")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -165,6 +128,7 @@ def test_ort_check_passes_at_min_opt_and_max(export_folder):
         assert {row.split()[2] for row in rows} == {"b1", "b2", "b4"}, rows
 
 
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
 def test_trtexec_text_names_the_shipped_graphs(export_folder):
     manifest = json.loads((export_folder / "manifest.json").read_text())
     text = trtexec_text(manifest)
@@ -172,6 +136,7 @@ def test_trtexec_text_names_the_shipped_graphs(export_folder):
     assert text.count("--staticPlugins=") == 8  # build + time, fp32 + fp16, 10.3 + 11
 
 
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
 def test_a_disagreeing_graph_exits_1(export_folder, tmp_path):
     folder = copy_of(export_folder, tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -187,6 +152,7 @@ def test_a_disagreeing_graph_exits_1(export_folder, tmp_path):
     assert "FAILED: onnx, onnx_plugin disagree with the golden data" in result.stdout
 
 
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
 @pytest.mark.parametrize("damaged", ["model.onnx", "model_plugin_fp16.debug.onnx", GOLDEN_FILE])
 def test_a_changed_file_is_refused(export_folder, tmp_path, damaged):
     folder = copy_of(export_folder, tmp_path)
@@ -199,6 +165,7 @@ def test_a_changed_file_is_refused(export_folder, tmp_path, damaged):
                                      "mismatch): it was changed or truncated after export; copy the export folder again")
 
 
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
 def test_bad_folders_are_one_error_line(export_folder, tmp_path):
     cases = {tmp_path / "missing": "export folder not found", tmp_path: "has no manifest.json"}
     corrupt = copy_of(export_folder, tmp_path / "c")
@@ -221,6 +188,7 @@ def test_bad_folders_are_one_error_line(export_folder, tmp_path):
             (folder, result.stderr)
 
 
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
 def test_missing_plugin_library_is_one_error_line_before_any_work(export_folder, tmp_path):
     env = {**os.environ, "TOKEN_GATHER_PLUGIN_LIBRARY": str(tmp_path / "nowhere" / "libtoken_gather_plugin.so")}
     result = run_engine_cli(export_folder, "--backend", "trt", env=env)
@@ -228,6 +196,7 @@ def test_missing_plugin_library_is_one_error_line_before_any_work(export_folder,
     assert "TokenGather plugin library is not built" in result.stderr and "python -m trt_plugins.build" in result.stderr
 
 
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
 def test_engine_and_bench_run_without_torch_and_timm(export_folder, tmp_path):
     env = torch_free_env(tmp_path)
     blocked = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
@@ -247,6 +216,7 @@ def test_engine_and_bench_run_without_torch_and_timm(export_folder, tmp_path):
 # ----------------------------------------------------------------------------- on TensorRT (GPU machines)
 
 
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
 @pytest.mark.skipif(tensorrt_unavailable_reason() is not None, reason=f"{tensorrt_unavailable_reason()}")
 def test_engines_build_check_time_and_publish(export_folder, tmp_path):
     import trt_plugins
