@@ -243,7 +243,8 @@ class TensorRTRunner:
         from polygraphy import cuda
 
         self.trt, self.cuda = trt, cuda
-        self.runtime = trt.Runtime(_logger())
+        self.logger = _logger()  # held for the runtime's lifetime: TensorRT keeps only a pointer to it
+        self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
             raise TensorRTError(f"TensorRT could not load {engine_path} (built by another TensorRT version, for "
