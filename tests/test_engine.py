@@ -181,6 +181,10 @@ def test_bad_folders_are_one_error_line(export_folder, tmp_path):
     (tmp_path / "j").mkdir()
     (tmp_path / "j" / "manifest.json").write_text("{not json")
     cases[tmp_path / "j"] = "cannot read"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({"artifacts": []}))
+    cases[tmp_path / "b"] = "has no batch profile or input description"
+    cases[export_folder / "manifest.json"] = "is not a folder"
     for folder, message in cases.items():
         result = run_engine_cli(folder, "--backend", "ort")
         lines = result.stderr.strip().splitlines()
@@ -194,6 +198,22 @@ def test_missing_plugin_library_is_one_error_line_before_any_work(export_folder,
     result = run_engine_cli(export_folder, "--backend", "trt", env=env)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "TokenGather plugin library is not built" in result.stderr and "python -m trt_plugins.build" in result.stderr
+
+
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+def test_no_tensorrt_is_one_error_line(export_folder, tmp_path):
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT and a GPU are present here")
+    library = tmp_path / "libtoken_gather_plugin.so"
+    library.write_bytes(b"")  # the preflight checks that a build exists; TensorRT is checked next
+    result = run_engine_cli(export_folder, "--backend", "trt", env={**os.environ, "TOKEN_GATHER_PLUGIN_LIBRARY": str(library)})
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot build engines here: {tensorrt_unavailable_reason()}; install TensorRT")
+    for flag, value in (("-n", "0"), ("--warmup", "-1"), ("--backend", "cuda")):
+        bad = run_engine_cli(export_folder, flag, value)
+        assert bad.returncode == 2 and "error: argument" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
