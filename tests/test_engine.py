@@ -20,6 +20,7 @@ from export.tensorrt_engine import (plan_engine, portability_problem, tensorrt_u
                                     trtexec_commands, trtexec_text)
 
 REPO = Path(__file__).resolve().parents[1]
+SHARES_EXPORT = pytest.mark.slow  # uses the module's export folder: one export.build of the demo model (20-50 s)
 HERE_10_3 = {"tensorrt": "10.3.0.30", "gpu": "Orin (nvgpu)", "compute_capability": "8.7"}
 DEPRECATED_ON_11 = ("--fp16", "--int8", "--best", "--stronglyTyped", "--useCudaGraph", "--noDataTransfers",
                     "--useSpinWait")
@@ -117,7 +118,7 @@ def test_timing_cache_is_keyed_by_tensorrt_version_and_gpu(tmp_path):
 # ----------------------------------------------------------------------------- the check on ONNX Runtime
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 def test_ort_check_passes_at_min_opt_and_max(export_folder):
     result = run_engine_cli(export_folder, "--backend", "ort")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -128,7 +129,7 @@ def test_ort_check_passes_at_min_opt_and_max(export_folder):
         assert {row.split()[2] for row in rows} == {"b1", "b2", "b4"}, rows
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 def test_trtexec_text_names_the_shipped_graphs(export_folder):
     manifest = json.loads((export_folder / "manifest.json").read_text())
     text = trtexec_text(manifest)
@@ -136,7 +137,7 @@ def test_trtexec_text_names_the_shipped_graphs(export_folder):
     assert text.count("--staticPlugins=") == 8  # build + time, fp32 + fp16, 10.3 + 11
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 def test_a_disagreeing_graph_exits_1(export_folder, tmp_path):
     folder = copy_of(export_folder, tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -152,7 +153,7 @@ def test_a_disagreeing_graph_exits_1(export_folder, tmp_path):
     assert "FAILED: onnx, onnx_plugin disagree with the golden data" in result.stdout
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 @pytest.mark.parametrize("damaged", ["model.onnx", "model_plugin_fp16.debug.onnx", GOLDEN_FILE])
 def test_a_changed_file_is_refused(export_folder, tmp_path, damaged):
     folder = copy_of(export_folder, tmp_path)
@@ -165,7 +166,7 @@ def test_a_changed_file_is_refused(export_folder, tmp_path, damaged):
                                      "mismatch): it was changed or truncated after export; copy the export folder again")
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 def test_bad_folders_are_one_error_line(export_folder, tmp_path):
     cases = {tmp_path / "missing": "export folder not found", tmp_path: "has no manifest.json"}
     corrupt = copy_of(export_folder, tmp_path / "c")
@@ -192,7 +193,7 @@ def test_bad_folders_are_one_error_line(export_folder, tmp_path):
             (folder, result.stderr)
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 def test_missing_plugin_library_is_one_error_line_before_any_work(export_folder, tmp_path):
     env = {**os.environ, "TOKEN_GATHER_PLUGIN_LIBRARY": str(tmp_path / "nowhere" / "libtoken_gather_plugin.so")}
     result = run_engine_cli(export_folder, "--backend", "trt", env=env)
@@ -200,8 +201,7 @@ def test_missing_plugin_library_is_one_error_line_before_any_work(export_folder,
     assert "TokenGather plugin library is not built" in result.stderr and "python -m trt_plugins.build" in result.stderr
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 def test_no_tensorrt_is_one_error_line(export_folder, tmp_path):
     if tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT and a GPU are present here")
@@ -216,7 +216,7 @@ def test_no_tensorrt_is_one_error_line(export_folder, tmp_path):
         assert bad.returncode == 2 and "error: argument" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 def test_engine_and_bench_run_without_torch_and_timm(export_folder, tmp_path):
     env = torch_free_env(tmp_path)
     blocked = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
@@ -236,7 +236,7 @@ def test_engine_and_bench_run_without_torch_and_timm(export_folder, tmp_path):
 # ----------------------------------------------------------------------------- on TensorRT (GPU machines)
 
 
-@pytest.mark.slow  # shares the module's export folder: one export.build of the demo model (~20-50 s on 2 cores)
+@SHARES_EXPORT
 @pytest.mark.skipif(tensorrt_unavailable_reason() is not None, reason=f"{tensorrt_unavailable_reason()}")
 def test_engines_build_check_time_and_publish(export_folder, tmp_path):
     import trt_plugins
