@@ -14,6 +14,7 @@ import onnx
 import torch
 import torch.nn as nn
 
+from compress.cli import package_version
 from compress.dynamicvit import DynamicViTBase
 from compress.errors import PipelineError
 from export.selection import SELECTION_FLAVOURS, native_token_selector, plugin_token_selector
@@ -41,6 +42,30 @@ class ExportGraph(nn.Module):
         return (logits.float(), *kept)
 
 
+def torchscript_export(module: nn.Module, images: torch.Tensor, opset: int, names: list[str], dynamic_axes: dict | None,
+                       custom_opsets: dict | None = None) -> onnx.ModelProto:
+    """``torch.onnx.export`` (TorchScript exporter) to a ModelProto named as this tool's; a failure is one line.
+
+    The exporter's own failures carry the whole TorchScript graph (often 100 KB): only their first line is kept.
+    """
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # The TorchScript exporter warns about its own deprecation and about timm's shape asserts,
+            # which are constants for a fixed image size.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (images,), buffer, dynamo=False, opset_version=opset, input_names=["images"],
+                              output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                              custom_opsets=custom_opsets)
+    except Exception as exc:  # the exporter raises many types; none of them is useful beyond its first line
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PipelineError(f"ONNX export failed (opset {opset}): {first_line}") from None
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.producer_name = "vit-prune-deploy"
+    proto.producer_version = package_version()  # this tool's version (the exporter sets torch's)
+    return proto
+
+
 def output_names(num_stages: int, with_indices: bool) -> list[str]:
     return ["logits"] + ([f"kept_stage{k}" for k in range(1, num_stages + 1)] if with_indices else [])
 
@@ -61,18 +86,8 @@ def export_onnx(
     stages = len(model.stage_keep_counts())
     names = output_names(stages, with_indices)
     dynamic_axes = {name: {0: "batch"} for name in ["images", *names]} if dynamic_batch else None
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript exporter warns about its own deprecation and about timm's shape asserts,
-        # which are constants for a fixed image size.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph, (images,), buffer, dynamo=False, opset_version=opset, input_names=["images"],
-            output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-            custom_opsets={"trt.plugins": 1} if flavour == "plugin" else None,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
-    proto.producer_name = "vit-prune-deploy"
+    proto = torchscript_export(graph, images, opset, names, dynamic_axes,
+                               custom_opsets={"trt.plugins": 1} if flavour == "plugin" else None)
     try:
         onnx.checker.check_model(proto)
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=flavour == "native")
