@@ -227,7 +227,8 @@ def quiet(packages: tuple[str, ...] = QUANTIZER_PACKAGES):
     loggers = [logging.getLogger(package) for package in packages]
     levels = [logger.level for logger in loggers]
     modules = [module for name, module in list(sys.modules.items())
-               if module is not None and name.startswith(packages) and not hasattr(module, "print")]
+               if module is not None and any(name == package or name.startswith(package + ".") for package in packages)
+               and not hasattr(module, "print")]
     root.addFilter(drop)
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -252,7 +253,8 @@ def calibration_stride(num_batches: int, batch: int, max_images: int = 32) -> in
 def quantize_with_ort(model: onnx.ModelProto, batches: list[np.ndarray], placement: Placement,
                       options: Int8Options, workdir: Path) -> onnx.ModelProto:
     """ONNX Runtime ``quantize_static``: QDQ, symmetric int8 activations and weights, weights per channel."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
 
     class Feeds(CalibrationDataReader):
         """The calibration batches; ONNX Runtime reads them one stride at a time (bounded memory)."""
@@ -390,7 +392,8 @@ def quantize_for_export(
                                                       if n not in done}})
     report = {
         "method": chosen,
-        "calibration": options.to_dict() | {"images_used": len(images) if batch is None else (len(images) // batch) * batch},
+        "calibration": options.to_dict() | {"images_used": len(images) if batch is None
+                                            else len(images) // batch * batch},
         "tools": {"onnxruntime": package_version("onnxruntime-gpu") or package_version("onnxruntime"),
                   "onnx": onnx.__version__, "nvidia-modelopt": package_version("nvidia-modelopt")},
         "calibration_set": {k: info.get(k) for k in ("hash", "size", "source")},
@@ -487,7 +490,8 @@ def transplant_qdq(quantized: onnx.ModelProto, other: onnx.ModelProto, suffix: s
     graph = target.graph
     constants = {i.name: i for i in quantized.graph.initializer}
     by_name = {n.name: n for n in graph.node if n.name}
-    taken = {o for n in graph.node for o in n.output} | {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    taken = ({o for n in graph.node for o in n.output} | {i.name for i in graph.initializer}
+             | {i.name for i in graph.input})
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # consumer name -> Q/DQ nodes to insert before it
     made_constants: dict[tuple, str] = {}  # (constant name, scale type or None) -> its name in the target
     made_dq: dict[tuple, str] = {}  # (DQ name, float type) -> its output's name in the target
