@@ -35,6 +35,7 @@ from export.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR,
 from export.environment import INSTALL_HINT, target_facts, tensorrt_unavailable_reason
 from export.golden import GoldenSet, debug_role, load_golden, sha256_of, verified_path
 from export.tensorrt_engine import TensorRTError, plan_engine, portability_problem, timing_cache_path
+import trt_plugins
 
 EXIT_DISAGREES = 1
 ROLE_PRECISION = {"onnx": "fp32", "onnx_plugin": "fp32", "onnx_fp16": "fp16", "onnx_int8": "int8"}
@@ -152,6 +153,39 @@ def summarise_ms(samples: Sequence[float]) -> dict:
             "p99": round(float(np.percentile(values, 99)), 4), "runs": int(len(values))}
 
 
+def prepare_tensorrt(graphs: dict[str, Path]) -> None:
+    """Before any TensorRT work: the plugin library when a graph needs it (one clear line when it is not built),
+    then TensorRT and a GPU; loads the library."""
+    plugin = any(has_token_gather(path) for path in graphs.values())
+    if plugin:
+        trt_plugins.find_plugin_library()
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        raise TensorRTError(f"cannot build engines here: {reason}; {INSTALL_HINT}")
+    if plugin:
+        trt_plugins.load_plugin_library()
+
+
+def check_and_time(engine_path: Path, twin: Path, golden: dict[str, GoldenSet], manifest: dict, role: str,
+                   warmup: int, iterations: int) -> dict:
+    """An engine against the golden data at every batch size of the profile, and, when it agrees, its device
+    and end-to-end times per batch size: {"passed", "comparisons", "timing"}."""
+    from export.tensorrt_engine import TensorRTRunner  # the TensorRT side, imported only here
+
+    output_names = [o.name for o in onnx.load(str(twin), load_external_data=False).graph.output]
+    sizes = batch_sizes(manifest)
+    with TensorRTRunner(engine_path, output_names) as runner:
+        comparisons = check_runner(runner, golden, sizes, manifest, role, engine=True)
+        passed = all(c.passed for c in comparisons)
+        timing = {}
+        if passed:
+            images = next(iter(golden.values())).images
+            for batch in sizes:
+                device, end_to_end = runner.measure(images[np.arange(batch) % len(images)], warmup, iterations)
+                timing[str(batch)] = {"device_ms": summarise_ms(device), "end_to_end_ms": summarise_ms(end_to_end)}
+    return {"passed": passed, "comparisons": [c.to_dict() for c in comparisons], "timing": timing}
+
+
 def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSet] | None = None,
                     warmup: int = 10, iterations: int = 50, timing_cache_dir: Path | None = None) -> dict:
     """Build an engine per precision of ``manifest`` into ``export_dir``, check and time it; the "engines" entry.
@@ -161,26 +195,14 @@ def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSe
     Returns ``{precision: facts}``; a facts dict with ``passed: False`` is an engine that disagreed: its file
     has been deleted. Raises PipelineError when TensorRT, a GPU or the plugin library is missing.
     """
+    from export.tensorrt_engine import build_engine  # the TensorRT side, imported only here
+
     folder = Path(export_dir)
     golden = golden if golden is not None else load_golden(folder, manifest)
     graphs = checked_graphs(folder, manifest)
-    plugin_graphs = [role for role, path in graphs.items() if has_token_gather(path)]
-    if plugin_graphs:  # before any work: a missing library is one clear line, naming the build command
-        import trt_plugins
-
-        trt_plugins.find_plugin_library()
-    reason = tensorrt_unavailable_reason()
-    if reason:
-        raise TensorRTError(f"cannot build engines here: {reason}; {INSTALL_HINT}")
-    from export.tensorrt_engine import TensorRTRunner, build_engine  # the TensorRT side, lazily
-
-    if plugin_graphs:
-        import trt_plugins
-
-        trt_plugins.load_plugin_library()
+    prepare_tensorrt(graphs)
     here = target_facts()
     cache = timing_cache_path(timing_cache_dir or folder.parent, here)
-    sizes = batch_sizes(manifest)
     engines = {}
     for precision in manifest.get("precision", ["fp32"]):
         plan = plan_engine(here["tensorrt"], precision, manifest.get("gather", "native"))
@@ -189,34 +211,56 @@ def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSe
         engine_path = folder / f"model_{precision}.engine"
         facts = build_engine(plan, graphs[plan.onnx_role], engine_path, manifest["batch"], manifest["input"]["name"],
                              manifest["input"]["shape"][1:], cache)
-        output_names = [o.name for o in onnx.load(str(graphs[plan.onnx_role]), load_external_data=False).graph.output]
-        with TensorRTRunner(engine_path, output_names) as runner:
-            comparisons = check_runner(runner, golden, sizes, manifest, plan.onnx_role, engine=True)
-            passed = all(c.passed for c in comparisons)
-            timing = {}
-            if passed:
-                images = next(iter(golden.values())).images
-                for batch in sizes:
-                    feed = images[np.arange(batch) % len(images)]
-                    device, end_to_end = runner.measure(feed, warmup, iterations)
-                    timing[str(batch)] = {"device_ms": summarise_ms(device), "end_to_end_ms": summarise_ms(end_to_end)}
-        if not passed:
+        checked = check_and_time(engine_path, graphs[plan.onnx_role], golden, manifest, plan.onnx_role, warmup,
+                                 iterations)
+        if not checked["passed"]:
             engine_path.unlink(missing_ok=True)
-        engines[precision] = {**facts, "path": engine_path.name, "passed": passed,
-                              "sha256": sha256_of(engine_path) if passed else None,
-                              "gpu": here["gpu"], "compute_capability": here["compute_capability"],
-                              "comparisons": [c.to_dict() for c in comparisons], "timing": timing}
+        engines[precision] = {**facts, "path": engine_path.name, "onnx_role": plan.onnx_role,
+                              "sha256": sha256_of(engine_path) if checked["passed"] else None,
+                              "gpu": here["gpu"], "compute_capability": here["compute_capability"], **checked}
+    return engines
+
+
+def recheck_engines(export_dir: Path, manifest: dict, golden: dict[str, GoldenSet], warmup: int = 10,
+                    iterations: int = 50) -> dict:
+    """Check and time the engines the manifest already lists, without building; the updated "engines" entry.
+
+    An engine built by another TensorRT version or for another GPU is refused (one clear line) before
+    TensorRT is touched; a changed engine file is refused by its sha256.
+    """
+    folder = Path(export_dir)
+    listed = manifest.get("engines") or {}
+    if not listed:
+        raise ExportFolderError(f"{folder / 'manifest.json'} lists no engine to check: build them with "
+                                f"python -m export.engine {folder}")
+    here = target_facts()
+    for facts in listed.values():
+        problem = portability_problem(facts, here)
+        if problem:
+            raise TensorRTError(f"refusing {folder / facts['path']}: {problem}")
+    graphs = checked_graphs(folder, manifest)
+    prepare_tensorrt(graphs)
+    engines = {}
+    for precision, facts in listed.items():
+        engine_path = verified_path(folder, facts)
+        role = facts.get("onnx_role") or plan_engine(here["tensorrt"], precision, manifest.get("gather", "native")).onnx_role
+        engines[precision] = {**facts, **check_and_time(engine_path, graphs[role], golden, manifest, role, warmup,
+                                                        iterations)}
     return engines
 
 
 def with_engines(manifest: dict, engines: dict, here: dict) -> dict:
-    """The manifest with the passing engines listed (role "engine") and described, and this target's facts."""
+    """The manifest with the passing engines listed (role "engine") and described, and this target's facts.
+
+    An engine that disagreed is no longer listed, whether it was just built or re-checked (pure).
+    """
     passing = {precision: facts for precision, facts in engines.items() if facts["passed"]}
     kept = [e for e in manifest["artifacts"] if e["role"] != ENGINE_ROLE or e["path"] not in
             {f["path"] for f in engines.values()}]
     artifacts = kept + [{"path": f["path"], "role": ENGINE_ROLE, "sha256": f["sha256"], "precision": p}
                         for p, f in passing.items()]
-    return {**manifest, "artifacts": artifacts, "engines": {**manifest.get("engines", {}), **passing}, "target": here}
+    earlier = {p: f for p, f in (manifest.get("engines") or {}).items() if p not in engines}
+    return {**manifest, "artifacts": artifacts, "engines": {**earlier, **passing}, "target": here}
 
 
 def engine_problem(manifest: dict, engine_file: str, here: dict) -> str | None:
@@ -241,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=("trt", "ort"), default=default_backend,
                         help="trt: build, check and time TensorRT engines; ort: check the ONNX graphs on ONNX "
                              f"Runtime (default: trt where TensorRT and a GPU are present, else ort; here: {default_backend})")
+    parser.add_argument("--no-build", action="store_true",
+                        help="with trt: check and time the engines the manifest already lists instead of building; "
+                             "an engine built by another TensorRT version or for another GPU is refused (default: off)")
     parser.add_argument("--warmup", type=bounded(int, 0), default=10, help="untimed engine runs before timing (default: 10)")
     parser.add_argument("--iterations", "-n", type=bounded(int, 1), default=50,
                         help="timed engine runs per batch size (default: 50)")
@@ -270,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not isinstance(manifest.get("batch"), dict) or not isinstance(manifest.get("input"), dict):
         raise ExportFolderError(f"{folder / 'manifest.json'} has no batch profile or input description")
     golden = load_golden(folder, manifest)
+    if args.no_build and args.backend != "trt":
+        raise ExportFolderError("--no-build checks TensorRT engines: it needs --backend trt")
     if args.backend == "ort":
         results = check_onnx(folder, manifest, golden)
         print(f"{folder}: ONNX graphs against golden data on ONNX Runtime (CPU), batch sizes {batch_sizes(manifest)}")
@@ -283,7 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"PASSED: {len(results)} graph(s) agree with the golden data")
         return 0
 
-    engines = build_and_check(folder, manifest, golden, args.warmup, args.iterations, args.timing_cache_dir)
+    if args.no_build:
+        engines = recheck_engines(folder, manifest, golden, args.warmup, args.iterations)
+    else:
+        engines = build_and_check(folder, manifest, golden, args.warmup, args.iterations, args.timing_cache_dir)
     here = target_facts()
     write_manifest(folder, with_engines(manifest, engines, here))
     print(f"{folder}: TensorRT {here['tensorrt']} on {here['gpu']} (compute capability {here['compute_capability']})")

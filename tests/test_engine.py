@@ -109,6 +109,19 @@ def test_portability_refuses_another_tensorrt_or_gpu():
     assert "not described" in engine_cli.engine_problem(manifest, "other.engine", HERE_10_3)
 
 
+def test_manifest_lists_passing_engines_only():
+    manifest = {"artifacts": [{"path": "model.onnx", "role": "onnx"},
+                              {"path": "model_fp16.engine", "role": "engine", "sha256": "old"}],
+                "engines": {"fp16": {"path": "model_fp16.engine", "passed": True}, "fp32": {"path": "model_fp32.engine"}}}
+    engines = {"fp16": {"path": "model_fp16.engine", "passed": False, "sha256": None},
+               "int8": {"path": "model_int8.engine", "passed": True, "sha256": "abc"}}
+    updated = engine_cli.with_engines(manifest, engines, HERE_10_3)
+    assert updated["artifacts"] == [{"path": "model.onnx", "role": "onnx"},
+                                    {"path": "model_int8.engine", "role": "engine", "sha256": "abc", "precision": "int8"}]
+    assert set(updated["engines"]) == {"fp32", "int8"} and updated["target"] == HERE_10_3
+    assert manifest["engines"]["fp16"]["passed"]  # the input is left as it was
+
+
 def test_timing_cache_is_keyed_by_tensorrt_version_and_gpu(tmp_path):
     paths = {timing_cache_path(tmp_path, HERE_10_3), timing_cache_path(tmp_path, {**HERE_10_3, "tensorrt": "11.0"}),
              timing_cache_path(tmp_path, {**HERE_10_3, "gpu": "RTX 4090", "compute_capability": "8.9"})}
@@ -214,6 +227,25 @@ def test_no_tensorrt_is_one_error_line(export_folder, tmp_path):
     for flag, value in (("-n", "0"), ("--warmup", "-1"), ("--backend", "cuda")):
         bad = run_engine_cli(export_folder, flag, value)
         assert bad.returncode == 2 and "error: argument" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@SHARES_EXPORT
+def test_an_engine_built_elsewhere_is_refused_before_tensorrt_is_touched(export_folder, tmp_path):
+    folder = copy_of(export_folder, tmp_path)
+    (folder / "model_fp16.engine").write_bytes(b"an engine built on a Jetson")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = engine_cli.with_engines(manifest, {"fp16": {**HERE_10_3, "path": "model_fp16.engine", "passed": True,
+                                                           "sha256": sha256_of(folder / "model_fp16.engine")}}, HERE_10_3)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = run_engine_cli(folder, "--backend", "trt", "--no-build")
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: refusing {folder / 'model_fp16.engine'}: engine built for TensorRT 10.3.0.30")
+    assert "engines are not portable: rebuild it here with python -m export.engine EXPORT_DIR" in line
+    nothing = run_engine_cli(export_folder, "--backend", "trt", "--no-build")
+    assert nothing.returncode == 2 and "lists no engine to check" in nothing.stderr
+    wrong = run_engine_cli(export_folder, "--backend", "ort", "--no-build")
+    assert wrong.returncode == 2 and "--no-build checks TensorRT engines: it needs --backend trt" in wrong.stderr
 
 
 @SHARES_EXPORT
