@@ -100,6 +100,13 @@ def test_build_cli_reports_missing_cmake(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("error: cmake not found")
 
 
+def test_a_failing_cmake_step_names_the_step_and_its_exit_code(capsys):
+    with pytest.raises(plugin_build.BuildStepFailed, match=r"\[2/2\] build failed \(exit code 3\)") as caught:
+        plugin_build.run_step("[2/2] build", [sys.executable, "-c", "raise SystemExit(3)"])
+    assert not isinstance(caught.value, PipelineError)  # not the user's input: exit 1, not 2
+    assert capsys.readouterr().out.startswith("-- [2/2] build: ")
+
+
 def test_library_path_and_load_error_without_a_build(tmp_path, monkeypatch):
     monkeypatch.delenv(trt_plugins.LIBRARY_ENV, raising=False)
     assert trt_plugins.library_path("dynamic", tmp_path).name == "libtoken_gather_plugin_dynamic.so"

@@ -1,7 +1,8 @@
 """Build the TensorRT plugin libraries with CMake (`python -m trt_plugins.build --help`).
 
 A thin layer over CMake (trt_plugins/CMakeLists.txt) that checks the tools first, so a missing cmake, nvcc
-or TensorRT header is one ``error:`` line and exit code 2 instead of a CMake backtrace.
+or TensorRT header is one ``error:`` line and exit code 2 instead of a CMake backtrace; a configure or compile
+step that fails exits 1 after CMake's own output.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compress.cli import run_cli
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, positive_int, run_cli
 from compress.errors import PipelineError
 from trt_plugins import DEFAULT_BUILD_DIR, LIBRARY_NAMES, SOURCE_DIR
 
@@ -25,8 +26,15 @@ HEADER_DIRS = (  # where packages put NvInfer.h when no --tensorrt-root is given
 )
 
 
+EXIT_BUILD_FAILED = 1
+
+
 class BuildError(PipelineError):
-    """A missing tool or a failed build step; the message is the one line shown to the user."""
+    """A missing tool or an unusable option; the message is the one line shown to the user."""
+
+
+class BuildStepFailed(RuntimeError):
+    """CMake's configure or build step failed (its own output says why)."""
 
 
 def find_nvcc() -> str | None:
@@ -57,7 +65,7 @@ def run_step(label: str, command: list[str]) -> None:
     print(f"-- {label}: {' '.join(command)}", flush=True)
     result = subprocess.run(command)
     if result.returncode != 0:
-        raise BuildError(f"{label} failed (exit code {result.returncode}); see the CMake output above")
+        raise BuildStepFailed(f"{label} failed (exit code {result.returncode}); see the CMake output above")
 
 
 def build(tensorrt_root: str | None, cuda_archs: str, build_dir: Path, jobs: int | None = None,
@@ -90,9 +98,10 @@ def build(tensorrt_root: str | None, cuda_archs: str, build_dir: Path, jobs: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trt_plugins.build",
+        prog="python -m trt_plugins.build", formatter_class=HelpFormatter,
         description="Configure and build the TokenGather TensorRT plugin libraries (both registration builds) "
-                    "with CMake.")
+                    "with CMake.",
+        epilog=exit_codes_epilog((EXIT_BUILD_FAILED, "CMake's configure or build step failed (its output above)")))
     parser.add_argument("--tensorrt-root", metavar="DIR",
                         help="TensorRT install root with include/NvInfer.h (default: $TensorRT_ROOT, then the "
                              "system include dirs)")
@@ -100,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"CUDA architectures, ';' or ',' separated (default: {DEFAULT_CUDA_ARCHS})")
     parser.add_argument("--build-dir", metavar="DIR", type=Path, default=DEFAULT_BUILD_DIR,
                         help=f"CMake build directory (default: {DEFAULT_BUILD_DIR})")
-    parser.add_argument("-j", "--jobs", type=int, help="parallel build jobs (default: CMake's)")
+    parser.add_argument("-j", "--jobs", type=positive_int, help="parallel build jobs (default: CMake's)")
     parser.add_argument("--build-type", default="Release", help="CMake build type (default: Release)")
-    args = parser.parse_args(argv)
-    libraries = build(args.tensorrt_root, args.cuda_archs, args.build_dir.resolve(), args.jobs, args.build_type)
+    args = add_version_argument(parser).parse_args(argv)
+    try:
+        libraries = build(args.tensorrt_root, args.cuda_archs, args.build_dir.resolve(), args.jobs, args.build_type)
+    except BuildStepFailed as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return EXIT_BUILD_FAILED
     for library in libraries:
         print(f"built {library}")
     return 0
