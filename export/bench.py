@@ -209,7 +209,8 @@ def random_images(batch: int, shape: Sequence[int]) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
 
 
-def ort_runner(path: Path, backend: str, batch: int, threads: int) -> CallRunner:
+def ort_runner(path: Path, backend: str, batch: int, threads: int) -> Callable[[], object]:
+    """One ONNX Runtime call on a seeded random batch (export.sweep times it too)."""
     import onnx
     import onnxruntime as ort  # imported per case: the timing of other backends should not pay for it
 
@@ -230,7 +231,7 @@ def ort_runner(path: Path, backend: str, batch: int, threads: int) -> CallRunner
     else:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     feed = {session.get_inputs()[0].name: random_images(batch, shape)}
-    return CallRunner(lambda: session.run(None, feed))
+    return lambda: session.run(None, feed)
 
 
 def engine_refusal(artefact: Artefact, here: dict) -> str | None:
@@ -258,7 +259,7 @@ def tensorrt_runner(artefact: Artefact, batch: int) -> EngineRunner:
     return EngineRunner(runner, random_images(batch, shape))
 
 
-def pytorch_runner(path: Path, backend: str, batch: int, threads: int, keep: float | None) -> CallRunner:
+def pytorch_runner(path: Path, backend: str, batch: int, threads: int, keep: float | None) -> Callable[[], object]:
     import torch  # optional here: only checkpoints are timed in PyTorch
 
     from compress.checkpoint import load_dynamicvit
@@ -276,15 +277,15 @@ def pytorch_runner(path: Path, backend: str, batch: int, threads: int, keep: flo
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    return CallRunner(run)
+    return run
 
 
 def make_runner(artefact: Artefact, backend: str, batch: int, threads: int, keep: float | None):
     if artefact.kind == "onnx":
-        return ort_runner(artefact.path, backend, batch, threads)
+        return CallRunner(ort_runner(artefact.path, backend, batch, threads))
     if artefact.kind == "engine":
         return tensorrt_runner(artefact, batch)
-    return pytorch_runner(artefact.path, backend, batch, threads, keep)
+    return CallRunner(pytorch_runner(artefact.path, backend, batch, threads, keep))
 
 
 # ----------------------------------------------------------------------------- timing
