@@ -22,6 +22,7 @@ class VitShape:
     pruning_locations: tuple[int, ...]
     stem_macs: int  # images -> patch tokens (a convolution, or LV-ViT's convolutional stem)
     head_macs: int  # final tokens -> logits
+    per_token_head_macs: int = 0  # a head applied to every final patch token (LV-ViT's aux_head)
 
 
 def vit_shape(model) -> VitShape:
@@ -57,4 +58,4 @@ def analytic_macs(shape: VitShape, keep_ratio: float) -> int:
     if keep_counts(keep_ratio, shape.num_patches, len(shape.pruning_locations)):
         # Each predictor scores the patch tokens still present before its block.
         total += sum(predictor_macs(lengths[i - 1] - 1, shape.embed_dim) for i in shape.pruning_locations)
-    return total + shape.head_macs
+    return total + shape.head_macs + shape.per_token_head_macs * (lengths[-1] - 1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 # Importing a family module registers it and its variants.
 import compress.dynamicvit  # noqa: F401  (DeiT / timm ViT family)
+import compress.lvvit  # noqa: F401  (LV-ViT family)
 from compress.registry import (
     DEFAULT_KEEP_RATIO,
     DynamicViTConfig,
