@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -52,6 +52,8 @@ from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
 from export.tensorrt_engine import write_trtexec
 from export.validate import shipped_vs_debug, validate_graph
+
+log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = 2
 MANIFEST_NAME = "manifest.json"
@@ -320,7 +322,7 @@ def open_staging(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in remove_stale_staging(out):
-            print(f"note: removed {stale.name}, left by an export that was killed", file=sys.stderr)
+            log.warning("note: removed %s, left by an export that was killed", stale.name)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         (staging / OWNER_FILE).write_text(str(os.getpid()))
         staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; published, it reads like any other

@@ -6,6 +6,7 @@ progress on stderr, and prints the summary (figures per graph, one verdict line,
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,7 @@ def summary_lines(result: ExportResult) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         result = export_model(request_from_args(args), Progress())
     except ValidationFailed as exc:
