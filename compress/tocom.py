@@ -1,16 +1,17 @@
-"""Token Compensator (ToCom) for DynamicViT: run a model at a keep ratio it was not trained at.
+"""Token Compensator (ToCom): run a token-reduced ViT at a compression degree it was not trained at.
 
 Paper: "Token Compensator: Altering Inference Cost of Vision Transformer without Re-Tuning",
 Jie et al., ECCV 2024, https://arxiv.org/abs/2408.06798 (reference code: JieShibo/ToCom, on ToMe).
 
-Here the compression degree is DynamicViT's keep ratio rho. A model trained at rho_train and
-deployed at ``keep`` gets ToCom(rho_train -> keep): low-rank deltas on the query and value
-projections of every attention block,
+The compression degree is of one of two kinds, recorded in every plugin (a plugin never applies to a model of
+the other kind): DynamicViT's keep ratio rho (``keep_ratio``; grid 1.0, 0.9, ..., 0.3) or ToMe's r, the tokens
+merged per block (``tome_r``; grid 0..16, as in the paper). A model trained at degree m and deployed at n gets
+ToCom(m -> n): low-rank deltas on the query and value projections of every attention block,
 
     q += s * U_q diag(c) D_q x        v += s * U_v diag(c) D_v x        (k, proj, MLP untouched)
 
 with D: [R, C] (down, no bias), U: [C, R] (up, no bias, zero-initialised) and the rank channels
-split into one slice of ``rank_per_step`` channels per unit step of an ordered grid of keep ratios.
+split into one slice of ``rank_per_step`` channels per unit step of an ordered grid of degrees.
 With mask(d) = ones on the slices of the steps from the grid's start up to d, the coefficients of
 m -> n are c = mask(n) - mask(m), so ToCom(n->m) = -ToCom(m->n), ToCom(m->m) = 0 and
 ToCom(a->b) + ToCom(b->c) = ToCom(a->c).
@@ -20,7 +21,10 @@ Layout of this module:
 - ``TokenCompensator``: the plugin's parameters (one ``ToComLayer`` per block) and its active transition;
 - glue: ``attach`` adds the deltas at run time through forward hooks on ``block.attn.qkv`` (the
   model's state-dict keys stay the standard ones), ``merge_plugin`` folds them into the qkv weights;
-- the file format (safetensors + metadata) and ``merge_plugin_file``, what the export stage calls.
+- the file format (safetensors + metadata) and ``merge_plugin_file`` / ``merge_tome_plugin_file``, what the
+  export stage calls; reference-layout files (JieShibo/ToCom's ``{'model': {blocks.i.attn.q_tocom.adapter_down
+  .weight, ...}}``) load directly (``load_reference_plugin``). The reference's mask of degree r has ones on the
+  LAST R/16 * r rank channels, this project's on the first slices: loading reverses the order of the slices.
 
 Shapes: x [batch, tokens, C]; timm's qkv weight [3C, C] has rows [q | k | v].
 """
@@ -32,7 +36,9 @@ import json
 import logging
 import math
 import os
+import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,10 +51,18 @@ import torch.nn.functional as F
 from compress.checkpoint import atomic_write
 from compress.cli import parse_number_list
 from compress.errors import PipelineError
+from compress.tome import ToMeViT, check_schedule_merges, strip_prefix
 
 log = logging.getLogger(__name__)
 
+KEEP_RATIO = "keep_ratio"  # DynamicViT's keep ratio rho
+TOME_R = "tome_r"  # ToMe's tokens merged per block
+DEGREE_KINDS = (KEEP_RATIO, TOME_R)
 DEFAULT_GRID: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+TOME_GRID: tuple[int, ...] = tuple(range(17))  # the reference's ToMe degrees r = 0..16
+REFERENCE_STEPS = 16  # the reference splits its R rank channels into 16 slices, one per unit step of r
+DEFAULT_GRIDS = {KEEP_RATIO: DEFAULT_GRID, TOME_R: TOME_GRID}
+DEGREE_NAMES = {KEEP_RATIO: "keep ratio", TOME_R: "ToMe r"}
 DEFAULT_RANK_PER_STEP = 4  # 7 steps on the default grid -> R = 28 (reference: 16 steps x 2 = 32)
 TRAINING_SCALE = 0.1  # s during training (reference)
 SCALE_CANDIDATES: tuple[float, ...] = (0.05, 0.08, 0.1, 0.12, 0.15)  # the reference's evaluation sweep
@@ -75,28 +89,39 @@ class PluginMismatch(ToComError):
     """A plugin trained for another architecture (width, depth, heads) than the model's."""
 
 
+class PluginKindMismatch(PluginMismatch):
+    """A plugin for one kind of degree (keep ratio, ToMe r) offered to a model of the other kind."""
+
+
 # ----------------------------------------------------------------------------- pure functions
 
 
-def normalise_grid(grid: Sequence[float]) -> tuple[float, ...]:
-    """The grid as rounded floats; at least two keep ratios in (0, 1], strictly monotonic (either direction)."""
-    values = tuple(round(float(value), GRID_DECIMALS) for value in grid)
+def normalise_grid(grid: Sequence[float], kind: str = KEEP_RATIO) -> tuple[float, ...]:
+    """The grid as rounded floats (keep ratios in (0, 1]) or ints (ToMe r >= 0); at least two, strictly monotonic."""
+    if kind not in DEGREE_KINDS:
+        raise ToComError(f"unknown ToCom degree kind {kind!r}: one of {', '.join(DEGREE_KINDS)}")
+    if kind == TOME_R:
+        if any(float(value) != int(value) or value < 0 for value in grid):
+            raise ToComError(f"a ToMe r grid holds non-negative integers, got {list(grid)}")
+        values = tuple(int(value) for value in grid)
+    else:
+        values = tuple(round(float(value), GRID_DECIMALS) for value in grid)
+        if any(not 0.0 < value <= 1.0 for value in values):
+            raise ToComError(f"ToCom grid keep ratios must lie in (0, 1], got {list(values)}")
     if len(values) < 2:
-        raise ToComError(f"a ToCom grid needs at least two keep ratios, got {list(values)}")
-    if any(not 0.0 < value <= 1.0 for value in values):
-        raise ToComError(f"ToCom grid keep ratios must lie in (0, 1], got {list(values)}")
+        raise ToComError(f"a ToCom grid needs at least two degrees, got {list(values)}")
     steps = [b - a for a, b in zip(values, values[1:])]
     if not (all(step > 0 for step in steps) or all(step < 0 for step in steps)):
         raise ToComError(f"a ToCom grid must be strictly increasing or strictly decreasing, got {list(values)}")
     return values
 
 
-def parse_grid(text: str) -> tuple[float, ...]:
-    """'1.0,0.9,0.8' (commas or spaces) -> a normalised grid."""
+def parse_grid(text: str, kind: str = KEEP_RATIO) -> tuple[float, ...]:
+    """'1.0,0.9,0.8' or '0,4,8,16' (commas or spaces) -> a normalised grid of ``kind``."""
     try:
-        return normalise_grid(parse_number_list(text))
+        return normalise_grid(parse_number_list(text), kind)
     except ValueError:
-        raise ToComError(f"expected keep ratios like '1.0,0.9,0.8', got {text!r}") from None
+        raise ToComError(f"expected degrees like '1.0,0.9,0.8' (keep ratios) or '0,8,16' (ToMe r), got {text!r}") from None
 
 
 def grid_index(grid: Sequence[float], keep: float, what: str = "keep ratio") -> int:
@@ -106,7 +131,7 @@ def grid_index(grid: Sequence[float], keep: float, what: str = "keep ratio") -> 
         if value == wanted:
             return index
     raise OffGridKeepRatio(
-        f"{what} {keep} is not on the ToCom plugin's grid {list(grid)}: use one of those keep ratios "
+        f"{what} {keep} is not on the ToCom plugin's grid {list(grid)}: use one of those degrees "
         "(or train a plugin whose --grid includes it)"
     )
 
@@ -194,7 +219,7 @@ class PluginInfo:
 
 
 class TokenCompensator(nn.Module):
-    """ToCom for a depth-``depth``, width-``embed_dim`` ViT on a grid of keep ratios.
+    """ToCom for a depth-``depth``, width-``embed_dim`` ViT on a grid of degrees of one ``kind``.
 
     A transition (m, n, s) is made active with ``activate`` or ``compensating``; while one is
     active, an ``attach``-ed model adds the deltas of ToCom(m -> n) to q and v. The plugin's own
@@ -203,12 +228,13 @@ class TokenCompensator(nn.Module):
 
     def __init__(self, embed_dim: int, depth: int, grid: Sequence[float] = DEFAULT_GRID,
                  rank_per_step: int = DEFAULT_RANK_PER_STEP, default_scale: float = TRAINING_SCALE,
-                 dropout: float = DEFAULT_DROPOUT, info: PluginInfo | None = None):
+                 dropout: float = DEFAULT_DROPOUT, info: PluginInfo | None = None, kind: str = KEEP_RATIO):
         super().__init__()
         if rank_per_step < 1:
             raise ToComError(f"rank per step must be at least 1, got {rank_per_step}")
         check_scale(default_scale)
-        self.grid = normalise_grid(grid)
+        self.kind = kind
+        self.grid = normalise_grid(grid, kind)
         self.rank_per_step = int(rank_per_step)
         self.rank = plugin_rank(self.grid, self.rank_per_step)
         self.embed_dim, self.depth = int(embed_dim), int(depth)
@@ -266,7 +292,8 @@ class TokenCompensator(nn.Module):
         return [layer.weight_deltas(coefficients, scale) for layer in self.layers]
 
     def extra_repr(self) -> str:
-        return (f"width={self.embed_dim}, depth={self.depth}, grid={list(self.grid)}, rank_per_step={self.rank_per_step}, "
+        return (f"kind={self.kind}, width={self.embed_dim}, depth={self.depth}, grid={list(self.grid)}, "
+                f"rank_per_step={self.rank_per_step}, "
                 f"rank={self.rank}, default_scale={self.default_scale}")
 
 
@@ -307,12 +334,20 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def plugin_for_model(model: nn.Module, grid: Sequence[float] = DEFAULT_GRID, rank_per_step: int = DEFAULT_RANK_PER_STEP,
+def degree_kind(model: nn.Module) -> str:
+    """The kind of compression degree a model runs at: ToMe r for a ``ToMeViT``, else DynamicViT's keep ratio."""
+    return TOME_R if isinstance(model, ToMeViT) else KEEP_RATIO
+
+
+def plugin_for_model(model: nn.Module, grid: Sequence[float] | None = None, rank_per_step: int = DEFAULT_RANK_PER_STEP,
                      default_scale: float = TRAINING_SCALE, dropout: float = DEFAULT_DROPOUT, extra: dict | None = None
                      ) -> TokenCompensator:
-    """A fresh plugin (up weights zero) for ``model``, recording its architecture and weight fingerprint."""
+    """A fresh plugin (up weights zero) for ``model``, recording its architecture, weight fingerprint and degree
+    kind; ``grid`` defaults to the kind's (keep ratios 1.0..0.3, or ToMe r 0..16)."""
+    kind = degree_kind(model)
     info = PluginInfo(model_architecture(model), backbone_fingerprint(model), dict(extra or {}))
-    plugin = TokenCompensator(model.embed_dim, len(model.blocks), grid, rank_per_step, default_scale, dropout, info)
+    plugin = TokenCompensator(model.embed_dim, len(model.blocks), DEFAULT_GRIDS[kind] if grid is None else grid,
+                              rank_per_step, default_scale, dropout, info, kind)
     return plugin.to(next(model.parameters()).device)
 
 
@@ -322,6 +357,11 @@ def check_plugin_matches(plugin: TokenCompensator, model: nn.Module, source: str
     Width, depth and head count must match. A different backbone description (name, image size,
     classes, pruning locations) or different weights (fingerprint) only warn: ToCom is meant to transfer.
     """
+    if plugin.kind != degree_kind(model):
+        raise PluginKindMismatch(
+            f"{source} compensates {DEGREE_NAMES[plugin.kind]} changes but the model is a "
+            f"{'ToMe' if degree_kind(model) == TOME_R else 'DynamicViT'} model, whose degree is its "
+            f"{DEGREE_NAMES[degree_kind(model)]}: a plugin only applies to the kind of degree it was trained for")
     have = model_architecture(model)
     want = {**plugin.info.architecture, "embed_dim": plugin.embed_dim, "depth": plugin.depth}
     wrong = [key for key in STRUCTURAL_KEYS if key in want and want[key] != have[key]]
@@ -408,6 +448,7 @@ def plugin_metadata(plugin: TokenCompensator) -> dict[str, str]:
     return {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
+        "degree_kind": plugin.kind,
         "grid": json.dumps(list(plugin.grid)),
         "rank_per_step": str(plugin.rank_per_step),
         "rank": str(plugin.rank),
@@ -466,13 +507,14 @@ def load_plugin(path: str | os.PathLike) -> tuple[TokenCompensator, str]:
                               f"up to {FORMAT_VERSION}")
     try:
         tensors = load_safetensors(data)
-        grid = normalise_grid(json.loads(metadata["grid"]))
+        kind = metadata.get("degree_kind", KEEP_RATIO)  # files written before ToMe support hold keep ratios
+        grid = normalise_grid(json.loads(metadata["grid"]), kind)
         rank_per_step = int(metadata["rank_per_step"])
         architecture = json.loads(metadata["architecture"])
         embed_dim, depth = int(architecture["embed_dim"]), int(architecture["depth"])
         info = PluginInfo(architecture, metadata.get("backbone_fingerprint", ""), json.loads(metadata.get("extra", "{}")))
         plugin = TokenCompensator(embed_dim, depth, grid, rank_per_step, float(metadata["default_scale"]),
-                                  float(metadata.get("dropout", DEFAULT_DROPOUT)), info)
+                                  float(metadata.get("dropout", DEFAULT_DROPOUT)), info, kind)
     except ToComError as exc:
         raise PluginFileError(f"corrupt ToCom plugin {source}: {exc}") from None
     except Exception as exc:  # safetensors / json / missing keys raise many types for a damaged file
@@ -494,23 +536,133 @@ def load_plugin(path: str | os.PathLike) -> tuple[TokenCompensator, str]:
     return plugin.eval(), sha256
 
 
-def merge_plugin_file(model: nn.Module, plugin_path: str | os.PathLike, target_keep: float, scale: float | None = None) -> dict:
-    """Merge ToCom(model.config.keep_ratio -> target_keep) from a plugin file into ``model``'s qkv weights, in place.
-
-    The export stage's entry point. Checks the plugin fits the model (PluginMismatch for another
-    width/depth/head count; warnings for other backbone weights or description), checks both keep
-    ratios are on the plugin's grid (OffGridKeepRatio), and returns the manifest entry
-    {"plugin_sha256", "rho_train", "keep", "scale", "grid", "warnings"}. scale None: the plugin's default.
-    """
-    plugin, sha256 = load_plugin(plugin_path)
+def _merge_checked(model: nn.Module, plugin: TokenCompensator, sha256: str, plugin_path, source_degree: float,
+                   target_degree: float, scale: float | None) -> tuple[float, list[str]]:
+    """Check ``plugin`` fits ``model`` and both degrees are on its grid, then merge; (scale used, warnings)."""
     source = f"ToCom plugin {plugin_path}"
     warnings = check_plugin_matches(plugin, model, source)
-    rho_train = float(model.config.keep_ratio)
-    plugin.index_of(rho_train, "the model's training keep ratio")
-    plugin.index_of(target_keep, "the deploy keep ratio")
+    name = DEGREE_NAMES[plugin.kind]
+    plugin.index_of(source_degree, f"the model's training {name}")
+    plugin.index_of(target_degree, f"the deploy {name}")
     scale = plugin.default_scale if scale is None else check_scale(scale)
-    merge_plugin(model, plugin.to(next(model.parameters()).device), rho_train, target_keep, scale)
+    merge_plugin(model, plugin.to(next(model.parameters()).device), source_degree, target_degree, scale)
     for warning in warnings:
         log.warning(warning)
+    return scale, warnings
+
+
+def merge_plugin_file(model: nn.Module, plugin_path: str | os.PathLike, target_keep: float, scale: float | None = None) -> dict:
+    """Merge ToCom(model.config.keep_ratio -> target_keep) from a plugin file into a DynamicViT's qkv weights, in place.
+
+    The export stage's entry point. Checks the plugin fits the model (PluginKindMismatch for a ToMe plugin,
+    PluginMismatch for another width/depth/head count; warnings for other backbone weights or description),
+    checks both keep ratios are on the plugin's grid (OffGridKeepRatio), and returns the manifest entry
+    {"plugin_sha256", "rho_train", "keep", "scale", "grid", "warnings"}. scale None: the plugin's default.
+    """
+    plugin, sha256 = read_plugin_file(plugin_path)
+    rho_train = float(model.config.keep_ratio)
+    scale, warnings = _merge_checked(model, plugin, sha256, plugin_path, rho_train, target_keep, scale)
     return {"plugin_sha256": sha256, "rho_train": rho_train, "keep": float(target_keep), "scale": scale,
             "grid": list(plugin.grid), "warnings": warnings}
+
+
+def merge_tome_plugin_file(model: ToMeViT, plugin_path: str | os.PathLike, source_r: int, target_r: int | None = None,
+                           scale: float | None = None) -> dict:
+    """Merge ToCom(source_r -> target_r) from a plugin file (this project's, or a reference-layout ``.pth``) into a
+    ToMe model's qkv weights, in place; ``target_r`` None: the model's r (its schedule must be one constant r).
+
+    Refuses (one ToComError each): a keep-ratio plugin, another width or depth, an r off the plugin's grid, an r
+    the model's token count cannot merge. Returns the manifest entry {"plugin_sha256", "plugin_layout",
+    "r_train", "r", "scale", "grid", "warnings"}; scale None: the plugin's default (reference files: 0.1).
+    """
+    if target_r is None:
+        if len(set(model.r_schedule)) != 1:
+            raise ToComError(f"the model runs a per-block r schedule {list(model.r_schedule)}: ToCom compensates "
+                             "one constant r, pass target_r")
+        target_r = model.r_schedule[0]
+    plugin, sha256 = read_plugin_file(plugin_path)
+    for r in (source_r, target_r):
+        check_schedule_merges(model.num_patches + 1, (int(r),))
+    scale, warnings = _merge_checked(model, plugin, sha256, plugin_path, int(source_r), int(target_r), scale)
+    return {"plugin_sha256": sha256, "plugin_layout": plugin.info.extra.get("layout", "vit-prune-deploy"),
+            "r_train": int(source_r), "r": int(target_r), "scale": scale, "grid": list(plugin.grid),
+            "warnings": warnings}
+
+
+# ----------------------------------------------------------------------------- reference-layout files (JieShibo/ToCom)
+
+
+REFERENCE_KEY = re.compile(r"blocks\.(\d+)\.attn\.([qv])_tocom\.adapter_(down|up)\.weight")
+
+
+def reference_to_project_channels(rank: int, steps: int = REFERENCE_STEPS) -> torch.Tensor:
+    """Index [R]: project rank channel i is the reference's channel ``index[i]``.
+
+    The reference's mask of degree r has ones on its LAST R/steps * r channels, so the step r-1 -> r owns its
+    channels [R - r p, R - (r - 1) p), p = R / steps; this project's mask has ones on the FIRST r slices, so step
+    r-1 -> r owns [(r - 1) p, r p). Slices are reversed, channels within a slice keep their order.
+    """
+    per_step = rank // steps
+    return torch.cat([torch.arange(rank - (step + 1) * per_step, rank - step * per_step) for step in range(steps)])
+
+
+def load_reference_plugin(path: str | os.PathLike) -> tuple[TokenCompensator, str]:
+    """A reference-layout ToCom file -> (plugin of kind ToMe r on grid 0..16, sha256 of the file's bytes).
+
+    The file is ``torch.save``d ``{'model': {blocks.{i}.attn.{q,v}_tocom.adapter_{down,up}.weight}}`` (keys may
+    carry ``module.``; other keys are ignored); down [R, C], up [C, R], R a multiple of 16; no metadata, so the
+    default scale is the reference's training scale 0.1. Loaded on the CPU, tensors only (``weights_only``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PluginFileError(f"ToCom plugin not found: {path}")
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle / zip / torch raise many types for a damaged file
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise PluginFileError(f"cannot read ToCom plugin {path}: corrupt or truncated file ({reason})") from None
+    weights = content.get("model", content) if isinstance(content, dict) else None
+    if not isinstance(weights, dict):
+        raise PluginFileError(f"{path} holds no state dict (expected {{'model': {{...}}}} with ToCom adapters)")
+    weights = strip_prefix({key: value for key, value in weights.items() if isinstance(key, str)})
+    found = {}
+    for key, value in weights.items():
+        match = REFERENCE_KEY.fullmatch(key)
+        if match and isinstance(value, torch.Tensor):
+            found[(int(match[1]), match[2], match[3])] = value
+    if not found:
+        raise PluginFileError(f"{path} holds no ToCom adapters (keys like blocks.0.attn.q_tocom.adapter_down.weight)")
+    depth = 1 + max(block for block, _, _ in found)
+    expected = [(block, projection, part) for block in range(depth) for projection in "qv" for part in ("down", "up")]
+    missing = [f"blocks.{b}.attn.{p}_tocom.adapter_{d}.weight" for b, p, d in expected if (b, p, d) not in found]
+    if missing:
+        raise PluginFileError(f"corrupt ToCom plugin {path}: missing key {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    rank, width = found[(0, "q", "down")].shape if found[(0, "q", "down")].dim() == 2 else (0, 0)
+    for (block, projection, part), tensor in found.items():
+        shape = (rank, width) if part == "down" else (width, rank)
+        if tuple(tensor.shape) != shape:
+            raise PluginFileError(f"corrupt ToCom plugin {path}: blocks.{block}.attn.{projection}_tocom.adapter_{part}"
+                                  f".weight is {tuple(tensor.shape)}, expected {shape}")
+    if rank == 0 or rank % REFERENCE_STEPS:
+        raise PluginFileError(f"ToCom plugin {path}: rank {rank} is not a positive multiple of {REFERENCE_STEPS}")
+    info = PluginInfo({"embed_dim": width, "depth": depth}, "",
+                      {"layout": "reference", "source_sha256": sha256, "source": path.name,
+                       "channel_order": "reference slices reversed (its masks count from the last channel)"})
+    plugin = TokenCompensator(width, depth, TOME_GRID, rank // REFERENCE_STEPS, TRAINING_SCALE, DEFAULT_DROPOUT, info, TOME_R)
+    order = reference_to_project_channels(rank)
+    with torch.no_grad():
+        for block, layer in enumerate(plugin.layers):
+            for projection in "qv":
+                getattr(layer, f"{projection}_down").copy_(found[(block, projection, "down")].float()[order])
+                getattr(layer, f"{projection}_up").copy_(found[(block, projection, "up")].float()[:, order])
+    return plugin.eval(), sha256
+
+
+def read_plugin_file(path: str | os.PathLike) -> tuple[TokenCompensator, str]:
+    """This project's safetensors plugin or a reference-layout ``torch.save`` file (zip), told apart by content."""
+    path = Path(path)
+    if path.is_file() and zipfile.is_zipfile(path):
+        return load_reference_plugin(path)
+    return load_plugin(path)
