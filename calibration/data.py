@@ -27,14 +27,15 @@ from compress.images import (
     ImageSourceError,
     Preprocessing,
     check_image_source,
+    check_image_sources,
     load_images,
     preprocessing_for,
     seeded_pick,
     seeded_sample,
 )
 
-__all__ = ["CalibrationSet", "ImageSourceError", "Preprocessing", "check_image_source", "load_calibration_data",
-           "load_calibration_set", "preprocessing_for", "seeded_sample"]
+__all__ = ["CalibrationSet", "ImageSourceError", "Preprocessing", "check_image_source", "check_image_sources",
+           "load_calibration_data", "load_calibration_set", "preprocessing_for", "seeded_sample"]
 
 DEFAULT_NUM_IMAGES = 256
 DEFAULT_SEED = 0

@@ -301,6 +301,17 @@ def no_cache(listing: list[str], build: Callable[[], np.ndarray]) -> np.ndarray:
     return build()
 
 
+def check_image_sources(sources: dict[str, str | os.PathLike | None]) -> None:
+    """``check_image_source`` for every source given (None: not given), the error prefixed with its name
+    (a command-line flag: ``--calib-data: image folder ... holds no images``)."""
+    for name, source in sources.items():
+        if source is not None:
+            try:
+                check_image_source(source)
+            except ImageSourceError as exc:
+                raise ImageSourceError(f"{name}: {exc}") from None
+
+
 def load_images(source: str | os.PathLike, preprocessing: Preprocessing, pick: Pick, demo_split: str = "test",
                 cache: CacheHook = no_cache) -> ImageSample:
     """The images ``pick`` chooses (``seeded_pick``, ``range_pick``) from ``source`` (``demo``, a folder, a

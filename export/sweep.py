@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 
 from calibration.data import (
     DEFAULT_NUM_IMAGES,
-    check_image_source,
+    check_image_sources,
     load_calibration_data,
     load_calibration_set,
     preprocessing_for,
@@ -33,7 +33,6 @@ from calibration.int8 import Int8Options, quantize_for_export
 from compress.cli import (
     HelpFormatter,
     add_version_argument,
-    bounded,
     exit_codes_epilog,
     fraction_argument,
     keep_ratio_argument,
@@ -289,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keeps", type=keep_ratio_argument, nargs="+", default=list(DEFAULT_KEEPS),
                         help="keep ratios to measure, each in (0, 1]")
     parser.add_argument("--tocom", type=Path, default=None, help="ToCom plugin: also measure each keep with it merged")
-    parser.add_argument("--tocom-scale", type=bounded(float), default=None,
+    parser.add_argument("--tocom-scale", type=positive_float, default=None,
                         help="ToCom scale s, with --tocom (default: the plugin's own)")
     parser.add_argument("--eval-data", default=None,
                         help="'demo' (test split), an image folder (root/<class>/...) or .npz with 'images' and "
@@ -330,12 +329,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise SweepError("--calib-data and --calib-images need --precision int8")
     if args.tocom is not None and not args.tocom.is_file():
         raise SweepError(f"ToCom plugin not found: {args.tocom}")
-    for flag, source in (("--eval-data", args.eval_data), ("--calib-data", args.calib_data)):
-        if source is not None:
-            try:
-                check_image_source(source)
-            except PipelineError as exc:
-                raise SweepError(f"{flag}: {exc}") from None
+    check_image_sources({"--eval-data": args.eval_data, "--calib-data": args.calib_data})
     prepare_output(args.out)
 
 

@@ -190,7 +190,8 @@ def test_sweep_refuses_an_unwritable_output_before_measuring(tmp_path):
     (["--latency-budget", "-1"], "number > 0"),
     (["--latency-budget", "nan"], "number > 0"),
     (["--min-accuracy", "80"], "[0, 1]"),
-    (["--tocom-scale", "inf"], "finite number"),
+    (["--tocom-scale", "inf"], "number > 0"),
+    (["--tocom-scale", "0"], "number > 0"),
 ])
 def test_sweep_numeric_flags_are_bounded_when_parsed(flags, message):
     from export.sweep import build_parser
