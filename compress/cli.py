@@ -119,3 +119,11 @@ non_negative_int = bounded(int, 0)
 positive_float = bounded(float, 0.0, low_open=True)
 keep_ratio_argument = bounded(float, 0.0, 1.0, low_open=True)
 fraction_argument = bounded(float, 0.0, 1.0)
+
+
+def parser_from_docstring(prog: str, docstring: str, *own_codes: tuple[int, str]) -> argparse.ArgumentParser:
+    """A parser whose description is the first paragraph of a ``python -m x: what it does`` module docstring and
+    whose epilog is the rest (up to its own "Exit codes:" paragraph) followed by the exit-code table."""
+    first, _, details = docstring.partition("\n\n")
+    return argparse.ArgumentParser(prog=prog, description=first.split(": ", 1)[-1], formatter_class=HelpFormatter,
+                                   epilog=details.rsplit("\nExit codes:", 1)[0] + "\n\n" + exit_codes_epilog(*own_codes))

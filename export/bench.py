@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from compress.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, run_cli
+from compress.cli import add_version_argument, bounded, parser_from_docstring, run_cli
 from compress.errors import PipelineError
 from compress.files import atomic_write
 from export.engine import engine_problem, read_manifest
@@ -431,11 +431,9 @@ def environment() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    description, _, details = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(
-        prog="python -m export.bench", description=description.split(": ", 1)[1], formatter_class=HelpFormatter,
-        epilog=details.rsplit("\nExit codes:", 1)[0] + "\n\n" + exit_codes_epilog(
-            (EXIT_REGRESSION, "the gate failed: a case regressed, or a baseline case could not be compared")))
+    parser = parser_from_docstring(
+        "python -m export.bench", __doc__,
+        (EXIT_REGRESSION, "the gate failed: a case regressed, or a baseline case could not be compared"))
     parser.add_argument("artefacts", nargs="+", metavar="ARTEFACT",
                         help="export folder (with manifest.json), .onnx, engine (.engine/.plan) or checkpoint "
                              "(.pth/.pt/.safetensors); LABEL=PATH names it (default label: <folder>/<file>)")

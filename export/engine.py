@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
-from compress.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, run_cli
+from compress.cli import add_version_argument, bounded, parser_from_docstring, run_cli
 from compress.errors import PipelineError
 from compress.files import atomic_write
 from export.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS,
@@ -276,11 +276,9 @@ def engine_problem(manifest: dict, engine_file: str, here: dict) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     default_backend = "trt" if tensorrt_unavailable_reason() is None else "ort"
-    description, _, details = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(
-        prog="python -m export.engine", description=description.split(": ", 1)[1], formatter_class=HelpFormatter,
-        epilog=details.rsplit("\nExit codes:", 1)[0] + "\n\n" + exit_codes_epilog(
-            (EXIT_DISAGREES, "a graph or engine disagrees with the golden data (an engine is then not published)")))
+    parser = parser_from_docstring(
+        "python -m export.engine", __doc__,
+        (EXIT_DISAGREES, "a graph or engine disagrees with the golden data (an engine is then not published)"))
     parser.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="an export folder with manifest.json")
     parser.add_argument("--backend", choices=("trt", "ort"), default=default_backend,
                         help="trt: build, check and time TensorRT engines; ort: check the ONNX graphs on ONNX "
