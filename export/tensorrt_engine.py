@@ -194,7 +194,8 @@ def build_engine(plan: EnginePlan, onnx_path: Path, engine_path: Path, batch: di
     except Exception as exc:  # polygraphy reports parser and builder failures as its own exception types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
         raise TensorRTError(f"TensorRT could not build an engine from {onnx_path.name}: {first}") from None
-    engine_path.write_bytes(bytes(serialized))
+    data = bytes(serialized)
+    atomic_write(engine_path, lambda temporary: Path(temporary).write_bytes(data))  # never half an engine
     return {"tensorrt": trt.__version__, "built_from": onnx_path.name, "plan": plan.to_dict(),
             "build_seconds": round(time.perf_counter() - started, 2)}
 
