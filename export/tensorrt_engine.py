@@ -115,7 +115,9 @@ def trtexec_commands(tensorrt_family: str, plan: EnginePlan, onnx_file: str, eng
 
     10.3 needs --stronglyTyped and, for timing comparable with export.engine's device time, --useCudaGraph
     --noDataTransfers --useSpinWait; 11.x is always strongly typed and times that way by default, so none of
-    these is passed there. --noTF32 matches the engines export.engine builds. The plugin library is the
+    these is passed there (trtexec 11 marks them deprecated no-ops). --noTF32 matches the engines export.engine
+    builds (trtexec enables TF32 by default on both). Every flag was checked against trtexec's option parser in
+    TensorRT's open-source samples (samples/common/sampleOptions.cpp) at 10.3 GA and on 11.x. The plugin library is the
     self-registering build, loaded with --staticPlugins (with --setPluginsToSerialize a copy would travel
     inside the engine; here the target loads it instead).
     """
