@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,7 @@ from compress.cli import package_version
 from compress.data import demo_dataset
 from compress.demo import demo_checkpoint_path
 from compress.dynamicvit import DynamicViTBase
-from compress.errors import InvalidKeepRatio, PipelineError
+from compress.errors import PipelineError
 from compress.files import current_umask
 from compress.models import create_model
 from compress.token_select import keep_counts
@@ -103,8 +103,6 @@ class ExportRequest:
 
     def check(self) -> None:
         """Refuse every bad or idle option before any work (one clear line each)."""
-        if self.keep is not None and not 0.0 < self.keep <= 1.0:
-            raise InvalidKeepRatio(f"--keep must be in (0, 1], got {self.keep}")
         if self.opset < MIN_OPSET:
             raise ExportError(f"--opset {self.opset} is too old: LayerNormalization needs opset >= {MIN_OPSET}")
         if self.batch_size < 1:
@@ -356,9 +354,49 @@ def publish(staging: Path, out: Path, previous: dict | None) -> list[str]:
 
 
 @dataclass
+class Manifest:
+    """``manifest.json``: what was exported, from what, how it was validated, with which tools, on which machine.
+
+    Artefacts are ``{path, role, sha256, ...}`` with roles ``onnx``, ``onnx_plugin``, ``onnx_fp16``, ``onnx_int8``,
+    their ``<role>_debug`` twins, ``golden``, ``trtexec`` and ``engine``; the target-side stage
+    (``python -m export.engine``) adds ``engines`` and ``target``.
+    """
+
+    tool: dict
+    artifacts: list[dict]
+    model: dict
+    method: dict
+    keep_ratio: float
+    tokens: dict
+    macs: int
+    tocom: dict | None
+    precision: list[str]
+    gather: str
+    input: dict
+    batch: dict
+    opset: int
+    validation_inputs: dict
+    validation: dict
+    tools: dict
+    device: dict
+    engine: dict = field(default_factory=dict)
+    engines: dict = field(default_factory=dict)
+    target: dict | None = None
+    build_seconds: float | None = None
+    schema_version: int = MANIFEST_SCHEMA
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+
+@dataclass
 class ExportResult:
     out: Path
-    manifest: dict
+    manifest: Manifest
     untouched: list[str]  # files in out this tool did not write, left alone
 
 
@@ -453,41 +491,40 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
         artifacts = [entry for g in graphs for entry in write_graph(g, staging)]
         artifacts.append(golden_entry(staging, inputs, method.reference(subject.model)))
         manifest = build_manifest(request, subject, method, keep, tocom, graphs, artifacts, input_sources)
-        artifacts.append(write_trtexec(staging, manifest))
+        manifest.artifacts.append(write_trtexec(staging, manifest.to_dict()))
         manifest = engine_step(request, staging, manifest, progress)
-        manifest["build_seconds"] = round(time.perf_counter() - started, 2)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest.build_seconds = round(time.perf_counter() - started, 2)
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         untouched = publish(staging, out, previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out, manifest, untouched)
 
 
-def engine_step(request: ExportRequest, staging: Path, manifest: dict, progress: Progress) -> dict:
+def engine_step(request: ExportRequest, staging: Path, manifest: Manifest, progress: Progress) -> Manifest:
     """TensorRT engines where TensorRT and a GPU are present: the target-side stage's own code, on the staging
     folder (built, checked against the golden data, timed); an engine that disagrees fails the export."""
     reason = tensorrt_unavailable_reason() if request.backend != "ort" else "--backend ort"
     if reason is not None:
         progress(f"no TensorRT engine built: {reason} (ONNX Runtime artefacts only)")
-        return {**manifest, "engine": {"built": False, "reason": reason}}
+        return replace(manifest, engine={"built": False, "reason": reason})
     progress("building, checking and timing the TensorRT engines")
-    engines = build_and_check(staging, manifest)
+    engines = build_and_check(staging, manifest.to_dict())
     failed = [precision for precision, facts in engines.items() if not facts["passed"]]
     if failed:
         raise ValidationFailed(f"the {', '.join(failed)} TensorRT engine disagreed with the golden data (figures: "
                                f"python -m export.engine on the ONNX artefacts); nothing was written")
-    return {**with_engines(manifest, engines, target_facts()), "engine": {"built": True}}
+    return replace(Manifest.from_dict(with_engines(manifest.to_dict(), engines, target_facts())), engine={"built": True})
 
 
 def build_manifest(request: ExportRequest, subject: ExportSubject, method, keep: float, tocom: dict | None,
-                   graphs: list[GraphResult], artifacts: list[dict], input_sources: dict) -> dict:
+                   graphs: list[GraphResult], artifacts: list[dict], input_sources: dict) -> Manifest:
     model = subject.model
     low, opt, high = request.batch_profile
-    return {
-        "schema_version": MANIFEST_SCHEMA,
-        "tool": {"name": "vit-prune-deploy", "version": package_version()},
-        "artifacts": artifacts,
-        "model": {
+    return Manifest(
+        tool={"name": "vit-prune-deploy", "version": package_version()},
+        artifacts=artifacts,
+        model={
             "label": subject.label,
             "source": subject.source,
             "random_weights": subject.random_weights,
@@ -495,19 +532,19 @@ def build_manifest(request: ExportRequest, subject: ExportSubject, method, keep:
             "rho_train": subject.rho_train,
             "loader_notes": subject.notes,
         },
-        "method": method.describe(model),
-        "keep_ratio": keep,
-        "tokens": {"patches": model.num_patches, "kept_per_stage": model.stage_keep_counts(keep),
-                   "stages_before_blocks": list(model.config.pruning_locations)},
-        "macs": method.macs(model),
-        "tocom": tocom,
-        "precision": request.precisions,
-        "gather": request.gather,
-        "input": {"name": "images", "shape": input_shape(request, model.image_shape), "dtype": "float32"},
-        "batch": {"dynamic": request.dynamic_batch is not None, "min": low, "opt": opt, "max": high},
-        "opset": request.opset,
-        "validation_inputs": input_sources,
-        "validation": {g.role: g.validation_entry() for g in graphs},
-        "tools": tool_versions(),
-        "device": target_facts(),
-    }
+        method=method.describe(model),
+        keep_ratio=keep,
+        tokens={"patches": model.num_patches, "kept_per_stage": model.stage_keep_counts(keep),
+                "stages_before_blocks": list(model.config.pruning_locations)},
+        macs=method.macs(model),
+        tocom=tocom,
+        precision=request.precisions,
+        gather=request.gather,
+        input={"name": "images", "shape": input_shape(request, model.image_shape), "dtype": "float32"},
+        batch={"dynamic": request.dynamic_batch is not None, "min": low, "opt": opt, "max": high},
+        opset=request.opset,
+        validation_inputs=input_sources,
+        validation={g.role: g.validation_entry() for g in graphs},
+        tools=tool_versions(),
+        device=target_facts(),
+    )

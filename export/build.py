@@ -109,7 +109,7 @@ def kept_text(result: dict) -> str:
 
 def summary_lines(result: ExportResult) -> list[str]:
     """The summary a user reads: what was exported, a row per graph and input set, a verdict, the next command."""
-    manifest, out = result.manifest, result.out
+    manifest, out = result.manifest.to_dict(), result.out
     tokens = manifest["tokens"]
     lines = [f"exported {manifest['model']['label']} at keep {manifest['keep_ratio']:g} "
              f"(patch tokens {tokens['patches']} -> {tokens['kept_per_stage'] or 'dense'}) into {out}/"]
