@@ -439,10 +439,12 @@ def export_graphs(method, model: DynamicViTBase, request: ExportRequest, inputs:
         results.append(exported(request.gather, "fp16", "onnx_fp16", f"model_{request.gather}_fp16.onnx"))
     if request.int8:
         progress("calibrating and validating the INT8 ONNX (explicit Q/DQ)")
+        # Ranges are calibrated on the float32 graph; the Q/DQ go onto the mixed float16 graph, so a strongly
+        # typed engine runs what is not quantised (softmax, norms, adds) in float16, not float32.
         quantized, report = quantize_for_export(onnx_of("native", "fp32", False), calibration_images, method="auto",
-                                                calibration_info=calibration_info)
-        graph = quantized if request.gather == "native" else transplant_qdq(quantized, onnx_of(request.gather, "fp32", False))
-        debug = transplant_qdq(quantized, onnx_of(request.gather, "fp32", True))
+                                                calibration_info=calibration_info, float_scopes=method.float_scopes)
+        graph = transplant_qdq(quantized, onnx_of(request.gather, "fp16", False))
+        debug = transplant_qdq(quantized, onnx_of(request.gather, "fp16", True))
         result = check_graph(graph, debug, reference, inputs, "int8", "onnx_int8", f"model_{request.gather}_int8.onnx",
                              request.gather, batch_sizes)
         result.extra["int8"] = report
