@@ -1,16 +1,16 @@
-"""``python -m compress.tocom_train``: train a Token Compensator (ToCom) plugin for a trained DynamicViT.
+"""``python -m compress.tocom_train``: train a Token Compensator (ToCom) plugin for a trained DynamicViT or ToMe model.
 
-The DynamicViT (backbone and prediction modules) stays frozen. Each step draws a pair (m, n),
-m != n, uniformly from the grid of keep ratios; the teacher is the model run at keep m (no
-gradient), the student the model run at keep n plus ToCom(m -> n) at the training scale; the loss
-is KL(teacher || student) on the logits (T = 1, batchmean). Both run the inference forward
-(top-k token selection): the way the model is deployed. AdamW (weight decay 0.05), lr 1e-3 per
+The model stays frozen. Each step draws a pair (m, n), m != n, uniformly from the grid of degrees
+(DynamicViT: keep ratios; with ``--tome``: ToMe r, tokens merged per block, grid 0..16); the teacher
+is the model run at degree m (no gradient), the student the model run at degree n plus ToCom(m -> n)
+at the training scale; the loss is KL(teacher || student) on the logits (T = 1, batchmean). Both run
+the inference forward (top-k token selection, or ToMe's merging): the way the model is deployed. AdamW (weight decay 0.05), lr 1e-3 per
 512 images (scaled to the global batch), warm-up then per-iteration cosine.
 
 Afterwards the scale s is chosen on a held-out slice of the TRAINING split (never the eval split):
 for each candidate s, the mean top-1 over the deploy keep ratios (every grid keep ratio but the
 model's training one) with ToCom(rho_train -> keep); ties go to the lower mean KL to the model at
-rho_train. The chosen s becomes the plugin's default scale. Finally the eval split is measured at
+rho_train (ToMe: r_train and r in place of the keep ratios). The chosen s becomes the plugin's default scale. Finally the eval split is measured at
 each deploy keep ratio without ToCom and with it merged into the weights (what export does).
 
 Runs under ``torchrun --nproc_per_node=N`` (DistributedDataParallel; gloo on CPU, nccl on GPU).
@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader, Subset
 
 from compress import engine, tocom
 from compress.checkpoint import load_dynamicvit
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, number_list_argument
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, non_negative_int, number_list_argument
 from compress.data import DEMO_DATASET, DemoDigits, ShardSampler, build_datasets, build_loaders, image_folder_dataset, steps_per_epoch
 from compress.dynamicvit import DynamicViT
 from compress.errors import PipelineError
 from compress.losses import logit_distillation_loss
+from compress.tome import ToMeViT, check_schedule_merges, load_tome
 
 LOG_NAME, RESULTS_NAME, PLUGIN_NAME = "log.jsonl", "results.json", "tocom.safetensors"
 LR_PER_512 = 1e-3  # the reference recipe's rate, quoted per 512 images
@@ -50,12 +51,14 @@ class ToComTrainConfig:
     checkpoint: str | None = None  # None: the shipped demo DynamicViT
     model: str | None = None
     train_keep: float | None = None
+    tome: bool = False  # a ToMe r plugin for the checkpoint's backbone run with token merging
+    train_r: int = 0  # ToMe: the r the model was trained (fine-tuned) at
     data: str = DEMO_DATASET
     train_split: str = "train"
     eval_split: str = "val"
     out: str = "runs/tocom"
     plugin: str | None = None
-    grid: tuple[float, ...] = tocom.DEFAULT_GRID
+    grid: tuple[float, ...] | None = None  # None: the kind's grid (keep ratios 1.0..0.3, or ToMe r 0..16)
     rank_per_step: int = tocom.DEFAULT_RANK_PER_STEP
     train_scale: float = tocom.TRAINING_SCALE
     scales: tuple[float, ...] = tocom.SCALE_CANDIDATES
@@ -86,7 +89,7 @@ class ToComTrainConfig:
 class ToComTrainResult:
     plugin_path: Path
     plugin: tocom.TokenCompensator
-    model: DynamicViT
+    model: DynamicViT | ToMeViT
     steps: int
     scale: float
     history: list[dict] = field(default_factory=list)
@@ -98,13 +101,6 @@ class ToComTrainResult:
 
 
 _floats = number_list_argument(float, "0.05,0.1")
-
-
-def _grid(text: str) -> tuple[float, ...]:
-    try:
-        return tocom.parse_grid(text)
-    except tocom.ToComError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _grid_text(values: Sequence[float]) -> str:
@@ -122,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--model", "-m", default=None, help="architecture, only when the checkpoint does not record it (default: read from the checkpoint)")
     io.add_argument("--train-keep", type=float, default=None,
                     help="the keep ratio the DynamicViT was trained at (default: read from the checkpoint)")
+    io.add_argument("--tome", action="store_true",
+                    help="train a ToMe r plugin: the checkpoint's ViT backbone runs with token merging, the degree "
+                    "is r (tokens merged per block) (default: a DynamicViT keep-ratio plugin)")
+    io.add_argument("--train-r", type=non_negative_int, default=d.train_r,
+                    help="with --tome: the r the model was trained (fine-tuned) at")
     io.add_argument("--data", default=d.data, help=f"'{DEMO_DATASET}' (built-in digits) or an ImageNet-style folder")
     io.add_argument("--train-split", default=d.train_split, help="image-folder subfolder to train on (and hold out from)")
     io.add_argument("--eval-split", default=d.eval_split, help="image-folder subfolder measured at the end (demo: its test split)")
@@ -132,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--workers", type=int, default=d.workers, help="data-loader worker processes")
 
     plug = parser.add_argument_group("plugin")
-    plug.add_argument("--grid", type=_grid, default=_grid_text(d.grid),
-                      help="ordered keep ratios the plugin covers; the model's training keep ratio must be one of them")
+    plug.add_argument("--grid", type=_floats, default=None,
+                      help="ordered degrees the plugin covers, keep ratios or (--tome) values of r; the model's "
+                      f"training degree must be one of them (default: {_grid_text(tocom.DEFAULT_GRID)}, with --tome "
+                      f"{_grid_text(tocom.TOME_GRID)})")
     plug.add_argument("--rank-per-step", type=int, default=d.rank_per_step,
                       help="rank channels per unit step of the grid (R = this x (grid entries - 1))")
     plug.add_argument("--train-scale", type=float, default=d.train_scale, help="scale s during training")
@@ -146,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out criterion for the scale: mean top-1 over the deploy keep ratios (ties: lower KL), "
                       "or mean KL to the model at its training keep ratio (ties: higher top-1)")
     plug.add_argument("--eval-keeps", type=_floats, default=None,
-                      help="deploy keep ratios to measure (default: every grid keep ratio but the training one)")
+                      help="deploy degrees (keep ratios, or r with --tome) to measure (default: every grid degree "
+                      "but the training one)")
     plug.add_argument("--no-final-eval", dest="final_eval", action="store_false",
                       help="skip the eval-split measurement, e.g. while choosing a recipe on the held-out slice "
                       "(default: measure)")
@@ -190,8 +194,9 @@ def _validate(cfg: ToComTrainConfig) -> None:
         tocom.check_scale(scale)
 
 
-def load_frozen_model(cfg: ToComTrainConfig, env: engine.DistEnv) -> tuple[DynamicViT, str]:
-    """The DynamicViT, every parameter frozen, in eval mode (the inference forward), on the run's device."""
+def load_frozen_model(cfg: ToComTrainConfig, env: engine.DistEnv) -> tuple[DynamicViT | ToMeViT, str]:
+    """The DynamicViT (or, with ``tome``, the checkpoint's backbone as a ToMe model at ``train_r``), every
+    parameter frozen, in eval mode (the inference forward), on the run's device."""
     path = cfg.checkpoint
     if path is None:
         from compress.demo import demo_checkpoint_path
@@ -200,13 +205,17 @@ def load_frozen_model(cfg: ToComTrainConfig, env: engine.DistEnv) -> tuple[Dynam
         if not Path(path).is_file():
             raise PipelineError(f"no --checkpoint given and the demo model {path} does not exist yet "
                                 "(train one with python -m compress.demo, or pass --checkpoint)")
-    loaded = load_dynamicvit(path, model_name=cfg.model, keep_ratio=cfg.train_keep)
-    if not loaded.keep_ratio_known:
-        raise PipelineError(f"{path} does not record the keep ratio it was trained at: pass --train-keep")
+    if cfg.tome:
+        model, notes = load_tome(path, cfg.train_r, cfg.model)
+    else:
+        loaded = load_dynamicvit(path, model_name=cfg.model, keep_ratio=cfg.train_keep)
+        if not loaded.keep_ratio_known:
+            raise PipelineError(f"{path} does not record the keep ratio it was trained at: pass --train-keep")
+        model, notes = loaded.model, loaded.notes
     if env.is_main:
-        for note in loaded.notes:
+        for note in notes:
             print(f"note: {note}", file=sys.stderr)
-    model = loaded.model.to(env.device).eval()
+    model = model.to(env.device).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model, str(path)
@@ -226,6 +235,31 @@ def holdout_dataset(cfg: ToComTrainConfig, image_size: int):
     return image_folder_dataset(cfg.data, cfg.train_split, image_size, train=False)
 
 
+def set_degree(model: DynamicViT | ToMeViT, degree: float) -> None:
+    """Run ``model`` at ``degree`` from now on: a DynamicViT's keep ratio or a ToMe model's r."""
+    if isinstance(model, ToMeViT):
+        model.r_schedule = int(degree)
+    else:
+        model.keep_ratio = degree
+
+
+def training_degree(model: DynamicViT | ToMeViT) -> float:
+    """The degree the model was trained at: its keep ratio, or its (constant) ToMe r."""
+    return model.r_schedule[0] if isinstance(model, ToMeViT) else float(model.config.keep_ratio)
+
+
+def inference(model: DynamicViT | ToMeViT, images: torch.Tensor) -> torch.Tensor:
+    """The deployed forward: top-k token selection (DynamicViT) or token merging (ToMe)."""
+    return model(images) if isinstance(model, ToMeViT) else model.forward_pruned(images)
+
+
+def merge_plugin_file(model: DynamicViT | ToMeViT, plugin_path: Path, source: float, target: float) -> dict:
+    """Fold ToCom(source -> target) from the saved plugin into ``model`` (in place), as the export does."""
+    if isinstance(model, ToMeViT):
+        return tocom.merge_tome_plugin_file(model, plugin_path, int(source), int(target))
+    return tocom.merge_plugin_file(model, plugin_path, target)
+
+
 class StudentForward(nn.Module):
     """The model (frozen) plus the plugin (trained), as one module so DistributedDataParallel sees the plugin."""
 
@@ -234,24 +268,25 @@ class StudentForward(nn.Module):
         self.model, self.plugin = model, plugin
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_pruned(images)
+        return inference(self.model, images)
 
 
-def distillation_step(model: DynamicViT, plugin: tocom.TokenCompensator, student: nn.Module, images: torch.Tensor,
-                      source_keep: float, target_keep: float, scale: float) -> torch.Tensor:
-    """KL(model at ``source_keep`` || model at ``target_keep`` + ToCom(source -> target)); the loss to minimise."""
+def distillation_step(model: DynamicViT | ToMeViT, plugin: tocom.TokenCompensator, student: nn.Module,
+                      images: torch.Tensor, source_keep: float, target_keep: float, scale: float) -> torch.Tensor:
+    """KL(model at ``source_keep`` || model at ``target_keep`` + ToCom(source -> target)); the loss to minimise.
+    (The degrees are keep ratios, or ToMe r.)"""
     plugin.deactivate()
-    model.keep_ratio = source_keep
+    set_degree(model, source_keep)
     with torch.no_grad():
-        teacher_logits = model.forward_pruned(images)
-    model.keep_ratio = target_keep
+        teacher_logits = inference(model, images)
+    set_degree(model, target_keep)
     with plugin.compensating(source_keep, target_keep, scale):
         student_logits = student(images)
     return logit_distillation_loss(student_logits, teacher_logits)
 
 
 @torch.no_grad()
-def measure(model: DynamicViT, plugin: tocom.TokenCompensator | None, loader, source_keep: float, target_keep: float,
+def measure(model: DynamicViT | ToMeViT, plugin: tocom.TokenCompensator | None, loader, source_keep: float, target_keep: float,
             scale: float, env: engine.DistEnv, amp_dtype: torch.dtype | None = None) -> dict:
     """Top-1 (percent) at ``target_keep`` with ToCom(source -> target) at ``scale`` (no plugin / s = 0: none),
     and the mean KL to the model at ``source_keep``, over every image of ``loader`` (all ranks)."""
@@ -261,20 +296,30 @@ def measure(model: DynamicViT, plugin: tocom.TokenCompensator | None, loader, so
         with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if plugin is not None:
                 plugin.deactivate()
-            model.keep_ratio = source_keep
-            reference = model.forward_pruned(images)
-            model.keep_ratio = target_keep
+            set_degree(model, source_keep)
+            reference = inference(model, images)
+            set_degree(model, target_keep)
             if plugin is not None and scale != 0.0:
                 with plugin.compensating(source_keep, target_keep, scale):
-                    logits = model.forward_pruned(images)
+                    logits = inference(model, images)
             else:
-                logits = model.forward_pruned(images)
+                logits = inference(model, images)
         sums[0] += (logits.argmax(dim=1) == labels).sum()
         sums[1] += logit_distillation_loss(logits, reference) * labels.numel()
         sums[2] += labels.numel()
     engine.all_reduce_sum(sums, env)
     total = max(float(sums[2]), 1.0)
     return {"top1": 100.0 * float(sums[0]) / total, "kl": float(sums[1]) / total}
+
+
+def top1_at(model: DynamicViT | ToMeViT, loader, degree: float, env: engine.DistEnv, amp_dtype: torch.dtype | None) -> float:
+    """Top-1 (percent) of the deployed forward at ``degree``; the model's degree is restored afterwards."""
+    if not isinstance(model, ToMeViT):
+        return engine.evaluate(model, loader, degree, env, amp_dtype)["top1"]
+    previous = model.r_schedule
+    top1 = measure(model, None, loader, degree, degree, 0.0, env, amp_dtype)["top1"]
+    model.r_schedule = previous
+    return top1
 
 
 def choose_scale(rows: list[dict], candidates: Sequence[float], select_by: str = "top1") -> float:
@@ -317,12 +362,16 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
         engine.prepare_output(plugin_path.parent)
     engine.barrier(env)
     model, checkpoint = load_frozen_model(cfg, env)
-    rho_train = float(model.config.keep_ratio)
-    grid = tocom.normalise_grid(cfg.grid)
-    tocom.grid_index(grid, rho_train, "the model's training keep ratio")
+    rho_train = training_degree(model)
+    kind = tocom.degree_kind(model)
+    grid = tocom.normalise_grid(tocom.DEFAULT_GRIDS[kind] if cfg.grid is None else cfg.grid, kind)
+    tocom.grid_index(grid, rho_train, f"the model's training {tocom.DEGREE_NAMES[kind]}")
     eval_keeps = cfg.eval_keeps if cfg.eval_keeps is not None else tuple(k for k in grid if k != round(rho_train, 6))
     for keep in eval_keeps:
         tocom.grid_index(grid, keep, "--eval-keeps entry")
+    if kind == tocom.TOME_R:
+        for r in grid:  # every r the training draws must be one the model's token count can merge
+            check_schedule_merges(model.num_patches + 1, (int(r),))
 
     image_size = int(model.patch_embed.img_size[0])
     train_full, eval_set, spec = build_datasets(cfg.data, image_size, cfg.train_split, cfg.eval_split)
@@ -339,7 +388,8 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
                              num_workers=cfg.workers)
 
     torch.manual_seed(cfg.seed)  # the same plugin initialisation on every rank
-    recipe = {**cfg.to_dict(), "checkpoint": checkpoint, "rho_train": rho_train, "world_size": env.world_size,
+    recipe = {**cfg.to_dict(), "checkpoint": checkpoint, "rho_train": rho_train, "degree_kind": kind,
+              "world_size": env.world_size,
               "command": "python -m compress.tocom_train " + " ".join(argv) if argv is not None else "(Python API)"}
     plugin = tocom.plugin_for_model(model, grid, cfg.rank_per_step, cfg.train_scale, cfg.dropout, extra={"training": recipe})
     for warning in tocom.check_plugin_matches(plugin, model):
@@ -362,7 +412,8 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
     pairs = torch.Generator().manual_seed(cfg.seed)  # same pair on every rank: one transition per global batch
     log = engine.JsonLinesLog(out / LOG_NAME, enabled=env.is_main)
     if env.is_main:
-        print(f"tocom: {model.config.backbone} width {model.embed_dim} depth {len(model.blocks)} trained at keep {rho_train} "
+        print(f"tocom: {model.config.backbone} width {model.embed_dim} depth {len(model.blocks)} trained at "
+              f"{tocom.DEGREE_NAMES[kind]} {rho_train} "
               f"| grid {list(grid)} rank {plugin.rank} | {len(train_set)} train / {len(held_set)} held-out / "
               f"{len(eval_set)} eval images | {per_epoch} steps/epoch x {cfg.epochs} | global batch {global_batch} | "
               f"lr {base_lr:.3g}", file=sys.stderr)
@@ -398,7 +449,7 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
             print(f"epoch {epoch + 1}/{cfg.epochs} step {step} KL {record['train_kl']:.5f} [{record['seconds']:.1f}s]",
                   file=sys.stderr)
     plugin.eval()
-    model.keep_ratio = rho_train
+    set_degree(model, rho_train)
 
     # Choose s on the held-out slice of the training split: the eval split plays no part.
     selection = []
@@ -423,10 +474,10 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
     # The eval split: without ToCom, and with the saved plugin merged into a copy of the weights (export's path).
     evaluation = []
     for keep in eval_keeps if cfg.final_eval else ():
-        plain = engine.evaluate(model, eval_loader, keep, env, amp_dtype)["top1"]
+        plain = top1_at(model, eval_loader, keep, env, amp_dtype)
         merged_model = copy.deepcopy(model)
-        entry = tocom.merge_plugin_file(merged_model, plugin_path, keep)
-        merged = engine.evaluate(merged_model, eval_loader, keep, env, amp_dtype)["top1"]
+        entry = merge_plugin_file(merged_model, plugin_path, rho_train, keep)
+        merged = top1_at(merged_model, eval_loader, keep, env, amp_dtype)
         evaluation.append({"keep": keep, "top1_without_tocom": plain, "top1_tocom_merged": merged, "scale": entry["scale"]})
     # For the record only (the scale was fixed above): the eval split at every candidate scale, run-time plugin.
     every_scale = []
@@ -435,7 +486,7 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
             for candidate in cfg.scales:
                 every_scale.append({"keep": keep, "scale": candidate,
                                     **measure(model, plugin, eval_loader, rho_train, keep, candidate, env, amp_dtype)})
-    reference_top1 = engine.evaluate(model, eval_loader, rho_train, env, amp_dtype)["top1"] if cfg.final_eval else None
+    reference_top1 = top1_at(model, eval_loader, rho_train, env, amp_dtype) if cfg.final_eval else None
     if env.is_main:
         results = {"recipe": recipe, "plugin": str(plugin_path), "rho_train": rho_train, "chosen_scale": scale,
                    "eval_top1_at_rho_train": reference_top1, "history": history, "selection": selection,

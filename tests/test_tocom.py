@@ -356,3 +356,67 @@ def test_every_flag_documents_its_default():
     for action in parser._actions:
         if action.dest not in ("help", "version"):  # --help and --version take no value
             assert "(default" in formatter._get_help_string(action), action.dest
+
+
+# ----------------------------------------------------------------------------- ToMe r plugins
+
+
+def test_tome_distillation_steps_reduce_the_kl():
+    from compress.tocom_train import StudentForward, distillation_step
+    from compress.tome import ToMeViT
+
+    model = ToMeViT(tiny_model(), 0).eval()
+    with torch.no_grad():  # random weights attend almost uniformly, and then merging hardly changes the CLS token
+        model.head.weight.mul_(30.0)
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(20.0)
+            block.mlp.fc1.weight.mul_(10.5)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    plugin = tocom.plugin_for_model(model, dropout=0.0)
+    assert plugin.kind == tocom.TOME_R and plugin.grid == tocom.TOME_GRID
+    images, _ = demo_batch(16)
+    student = StudentForward(model, plugin)
+    optimizer = torch.optim.AdamW(plugin.parameters(), lr=3e-3, weight_decay=0.05)
+    with tocom.attach(model, plugin):
+        losses = []
+        for _ in range(12):
+            loss = distillation_step(model, plugin, student, images, 0, 16, 0.1)  # teacher at r 0, student at r 16
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    assert model.r_schedule == (16,) * 4
+    assert losses[0] > 1e-3
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_command_trains_a_tome_plugin(tmp_path):
+    from compress.tocom_train import main
+
+    model, checkpoint = _teacher_checkpoint(tmp_path)
+    out = tmp_path / "run"
+    argv = ["-c", str(checkpoint), "--tome", "--train-r", "0", "--grid", "0,8,16", "--out", str(out), "--epochs", "1",
+            "--limit-train", "80", "--limit-eval", "32", "--batch-size", "32", "--lr", "3e-3", "--device", "cpu",
+            "--scales", "0.1"]
+    assert run_cli(main, argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["recipe"]["degree_kind"] == tocom.TOME_R and results["rho_train"] == 0
+    assert [row["keep"] for row in results["evaluation"]] == [8, 16]
+    plugin, _ = tocom.load_plugin(out / "tocom.safetensors")
+    assert plugin.kind == tocom.TOME_R and plugin.grid == (0, 8, 16)
+    assert any(float(layer.q_up.detach().abs().max()) > 0 for layer in plugin.layers)
+    with pytest.raises(tocom.PluginKindMismatch):
+        tocom.merge_plugin_file(model, out / "tocom.safetensors", 0.5)
+
+
+def test_plugin_files_without_a_kind_are_keep_ratio_plugins(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tocom.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
+    metadata = tocom._read_header_metadata(path.read_bytes(), str(path))
+    assert metadata["degree_kind"] == tocom.KEEP_RATIO
+    del metadata["degree_kind"]  # as written before ToMe plugins existed
+    save_file(load_file(path), path, metadata=metadata)
+    assert tocom.load_plugin(path)[0].kind == tocom.KEEP_RATIO
