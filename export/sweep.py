@@ -31,12 +31,11 @@ from calibration.data import (
 )
 from calibration.int8 import Int8Options, quantize_for_export
 from compress.cli import (
-    HelpFormatter,
     add_version_argument,
-    exit_codes_epilog,
     fraction_argument,
     keep_ratio_argument,
     non_negative_int,
+    parser_from_docstring,
     positive_float,
     positive_int,
     run_cli,
@@ -220,7 +219,7 @@ def export_graph(subject: ExportSubject, keep: float, precision: str, calibratio
                                with_debug=False)
     if precision == "int8":
         options = Int8Options(quantize_outputs=backend == "ort-cpu")
-        graph, _ = quantize_for_export(graph, calibration, "ort", options)
+        graph, _ = quantize_for_export(graph, calibration, "ort", options, float_scopes=method.float_scopes)
     return graph
 
 
@@ -275,11 +274,8 @@ def sweep(subject: ExportSubject, keeps: Sequence[float], images: np.ndarray, la
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export.sweep",
-                                     description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                     formatter_class=HelpFormatter,
-                                     epilog=exit_codes_epilog((EXIT_NO_CHOICE, "no choice: no keep ratio meets "
-                                                               "--latency-budget (and --min-accuracy)")))
+    parser = parser_from_docstring("python -m export.sweep", __doc__,
+                                   (EXIT_NO_CHOICE, "no choice: no keep ratio meets --latency-budget (and --min-accuracy)"))
     add_version_argument(parser)
     parser.add_argument("--checkpoint", "-c", type=Path, default=None,
                         help="DynamicViT checkpoint (default: the shipped demo model; with --model, that architecture "
