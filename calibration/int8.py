@@ -41,6 +41,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, version_converter
 
+from calibration.data import array_hash
 from calibration.onnx_graph import FLOAT_TYPES, default_opset, element_types, static_batch
 from compress.errors import PipelineError
 
@@ -381,8 +382,6 @@ def quantize_for_export(
                                           Path(folder))
         else:
             quantized = quantize_with_modelopt(fp32_native, images, batch, placement, options, Path(folder))
-    from calibration.data import array_hash
-
     info = calibration_info or {"hash": array_hash(images), "size": int(len(images)), "source": "array"}
     quantized.producer_name = fp32_native.producer_name
     # What the quantiser actually did (ModelOpt's heuristics may leave more float than planned).

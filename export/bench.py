@@ -46,6 +46,9 @@ from compress.files import atomic_write
 from export.engine import engine_problem, read_manifest
 from export.environment import (command_output, cuda_devices, load_average, target_facts, tensorrt_unavailable_reason,
                                 tool_versions)
+from export.tensorrt_engine import TensorRTRunner
+import trt_plugins
+from trt_plugins.ort_token_gather import make_session
 
 BACKENDS = ("ort-cpu", "ort-cuda", "trt", "pytorch-cpu", "pytorch-cuda")
 ONNX_SUFFIXES = (".onnx",)
@@ -225,8 +228,6 @@ def ort_runner(path: Path, backend: str, batch: int, threads: int) -> Callable[[
     if any(n.op_type == "TokenGather" for n in model.graph.node):
         if backend != "ort-cpu":
             raise BenchSkip("TokenGather graphs run on ONNX Runtime's CPU custom op only")
-        from trt_plugins.ort_token_gather import make_session
-
         session = make_session(model, session_options=options)
     else:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
@@ -244,11 +245,7 @@ def engine_refusal(artefact: Artefact, here: dict) -> str | None:
 
 def tensorrt_runner(artefact: Artefact, batch: int) -> EngineRunner:
     """An engine ready to time at ``batch`` (TensorRT imported only here); skipped outside its profile."""
-    from export.tensorrt_engine import TensorRTRunner
-
     if artefact.manifest is not None and artefact.manifest.get("gather") == "plugin":
-        import trt_plugins
-
         trt_plugins.load_plugin_library()
     runner = TensorRTRunner(artefact.path)
     low, _, high = runner.profile()

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from trt_plugins.ort_token_gather import make_session
+
 RANDOM_INPUTS = "random"  # the seeded random image set: reported, never judged on top-1 agreement
 FLOAT32_MAX_ABS_ERROR = 1e-4  # float32 ONNX Runtime vs PyTorch logits
 # float32 TensorRT engines (TF32 off) vs PyTorch on the CPU: the same float32 arithmetic, but GPU kernels sum
@@ -134,8 +136,6 @@ def onnxruntime_session(model):
     import onnxruntime as ort  # heavy: only the sessions need it, the comparison does not
 
     if any(node.op_type == "TokenGather" for node in model.graph.node):
-        from trt_plugins.ort_token_gather import make_session
-
         return make_session(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -34,8 +34,9 @@ from export.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR,
                             run_batched, session_runner)
 from export.environment import INSTALL_HINT, target_facts, tensorrt_unavailable_reason
 from export.golden import GoldenSet, debug_role, load_golden, sha256_of, verified_path
-from export.tensorrt_engine import TensorRTError, plan_engine, portability_problem, timing_cache_path
 import trt_plugins
+from export.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine, plan_engine, portability_problem,
+                                    timing_cache_path)
 
 EXIT_DISAGREES = 1
 ROLE_PRECISION = {"onnx": "fp32", "onnx_plugin": "fp32", "onnx_fp16": "fp16", "onnx_int8": "int8"}
@@ -170,8 +171,6 @@ def check_and_time(engine_path: Path, twin: Path, golden: dict[str, GoldenSet], 
                    warmup: int, iterations: int) -> dict:
     """An engine against the golden data at every batch size of the profile, and, when it agrees, its device
     and end-to-end times per batch size: {"passed", "comparisons", "timing"}."""
-    from export.tensorrt_engine import TensorRTRunner  # the TensorRT side, imported only here
-
     output_names = [o.name for o in onnx.load(str(twin), load_external_data=False).graph.output]
     sizes = batch_sizes(manifest)
     with TensorRTRunner(engine_path, output_names) as runner:
@@ -195,8 +194,6 @@ def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSe
     Returns ``{precision: facts}``; a facts dict with ``passed: False`` is an engine that disagreed: its file
     has been deleted. Raises PipelineError when TensorRT, a GPU or the plugin library is missing.
     """
-    from export.tensorrt_engine import build_engine  # the TensorRT side, imported only here
-
     folder = Path(export_dir)
     golden = golden if golden is not None else load_golden(folder, manifest)
     graphs = checked_graphs(folder, manifest)

@@ -12,6 +12,8 @@ import csv
 import statistics
 import sys
 
+from trt_plugins.token_gather_cuda import load_extension, token_gather
+
 CASES = [  # (B, N, C, K): DeiT-S stages 1 and 3 (keep ratio 0.7), a large batch, a long sequence
     (1, 197, 384, 137), (1, 197, 384, 67), (16, 197, 384, 137), (256, 197, 384, 137), (256, 197, 384, 67),
     (8, 1025, 768, 512),
@@ -36,8 +38,6 @@ def median_us(fn, iters: int, warmup: int = 20) -> float:
 
 def bench_case(shape, dtype, iters: int) -> dict:
     import torch
-
-    from trt_plugins.token_gather_cuda import token_gather
 
     batch, num_tokens, channels, k = shape
     tokens = torch.randn(batch, num_tokens, channels, device="cuda", dtype=dtype)
@@ -74,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 1
-    from trt_plugins.token_gather_cuda import load_extension
-
     load_extension()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     header = f"{'B':>4} {'N':>5} {'C':>4} {'K':>4} {'dtype':>7} {'kernel us':>10} {'topk+gather':>12} " \
