@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from calibration.onnx_graph import static_batch  # noqa: F401  (re-exported: export reads it from here)
 from trt_plugins.ort_token_gather import make_session
 
 RANDOM_INPUTS = "random"  # the seeded random image set: reported, never judged on top-1 agreement
@@ -103,12 +104,6 @@ def compare(
         batch=batch,
         kept_overlap=overlaps,
     )
-
-
-def static_batch(model) -> int | None:
-    """The fixed batch size of an ONNX graph's first input (a ModelProto), or None when the batch axis is dynamic."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def run_batched(run: Runner, images: np.ndarray, batch: int | None = None) -> list[np.ndarray]:
