@@ -133,7 +133,8 @@ def demo_images(split: str, preprocessing: Preprocessing) -> tuple[np.ndarray, n
     if tuple(preprocessing.mean) != tuple(DEMO_MEAN) or tuple(preprocessing.std) != tuple(DEMO_STD):
         raise ImageSourceError(
             f"image source '{DEMO_SOURCE}' is normalised with mean {DEMO_MEAN} / std {DEMO_STD}, but this model "
-            f"expects mean {preprocessing.mean} / std {preprocessing.std}: it was not trained on the demo dataset")
+            f"expects mean {preprocessing.mean} / std {preprocessing.std}: it was not trained on the demo dataset "
+            f"(pass a folder or a .npy/.npz of images like its training data)")
     dataset = demo_dataset(split, image_size=preprocessing.input_size[-1], random_placement=False)
     images = np.stack([dataset[i][0].numpy() for i in range(len(dataset))]).astype(np.float32)
     return images, dataset.labels.numpy().astype(np.int64)
