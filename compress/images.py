@@ -70,8 +70,7 @@ def preprocessing_for(model, metadata: dict | None = None) -> Preprocessing:
     """The eval preprocessing of ``model`` (a DynamicViT): the checkpoint's recorded data spec when it has
     one (this project's training writes ``data``: image_size, mean, std), else the backbone's timm
     pretrained config; the input size is always the model's own."""
-    channels = model.patch_embed.proj.in_channels
-    height, width = model.patch_embed.img_size
+    channels, height, width = model.image_shape  # every family's (LV-ViT's stem projection is not the first conv)
     config = resolve_data_config({"input_size": (channels, height, width)}, pretrained_cfg=dict(model.pretrained_cfg))
     data = (metadata or {}).get("data") or {}
     mean = tuple(float(v) for v in data.get("mean", config["mean"]))

@@ -266,7 +266,7 @@ def pytorch_runner(path: Path, backend: str, batch: int, threads: int, keep: flo
     model = load_dynamicvit(path, keep_ratio=keep).model.eval()
     device = torch.device("cuda" if backend == "pytorch-cuda" else "cpu")
     model.to(device)
-    images = torch.randn(batch, model.patch_embed.proj.in_channels, *model.patch_embed.img_size, device=device)
+    images = torch.randn(batch, *model.image_shape, device=device)
 
     def run():
         with torch.inference_mode():

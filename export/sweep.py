@@ -201,7 +201,7 @@ def evaluation_set(source: str | None, subject: ExportSubject, num_images: int, 
         source = DEMO_SOURCE
     if source is None:
         generator = np.random.default_rng(seed)
-        channels, (height, width) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+        channels, height, width = model.image_shape
         count = num_images or RANDOM_EVAL_IMAGES
         return generator.standard_normal((count, channels, height, width)).astype(np.float32), None, f"{count} random images"
     evaluation = load_calibration_set(source, preprocessing_for(model, subject.metadata), num_images or 10**9, seed,
