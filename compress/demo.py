@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch.utils.data import DataLoader
 
 from compress.checkpoint import atomic_torch_save, read_checkpoint_file
-from compress.data import demo_dataset  # noqa: F401  (re-exported for the export stage)
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, run_cli
+from compress.data import demo_dataset
 from compress.errors import PipelineError
+from compress.train import MODEL_NAME, TrainConfig, train
 
+DESCRIPTION = "The built-in demo model, trained from scratch in one command: base, masked fine-tuning, DynamicViT."
 DEMO_MODELS_DIR = Path(__file__).resolve().parent / "demo_models"
 DEMO_CHECKPOINT_NAME = "dynamicvit_demo.pth"
 
@@ -42,13 +45,11 @@ def demo_checkpoint_path() -> Path:
 
 def demo_loader(split: str = "test", batch_size: int = 64):
     """A DataLoader over the demo dataset's fixed split (no shuffling): calibration and validation images."""
-    from torch.utils.data import DataLoader
-
     return DataLoader(demo_dataset(split, random_placement=False), batch_size=batch_size, shuffle=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m compress.demo", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m compress.demo", description=DESCRIPTION,
                                      formatter_class=HelpFormatter, epilog=exit_codes_epilog())
     add_version_argument(parser)
     add = parser.add_argument
@@ -82,18 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(name: str, out: Path, reuse: bool, **options) -> dict:
     """Train one stage (or reuse it); returns its final metrics and duration."""
-    from compress.train import TrainConfig, train
-
     folder = out / name
-    if reuse and (folder / "model.pth").is_file():
-        _, rest = read_checkpoint_file(folder / "model.pth")
-        print(f"[demo] {name}: reusing {folder / 'model.pth'}", file=sys.stderr)
-        return {"top1": rest["metrics"]["eval_top1"], "seconds": None, "model": str(folder / "model.pth"), "reused": True}
+    if reuse and (folder / MODEL_NAME).is_file():
+        _, rest = read_checkpoint_file(folder / MODEL_NAME)
+        print(f"[demo] {name}: reusing {folder / MODEL_NAME}", file=sys.stderr)
+        return {"top1": rest["metrics"]["eval_top1"], "seconds": None, "model": str(folder / MODEL_NAME), "reused": True}
     print(f"[demo] {name}: training", file=sys.stderr)
     started = time.time()
     result = train(TrainConfig(out=str(folder), **options))
     return {"top1": result.metrics["eval_top1"], "top1_ema": result.metrics.get("eval_top1_ema"),
-            "seconds": round(time.time() - started, 1), "model": str(folder / "model.pth")}
+            "seconds": round(time.time() - started, 1), "model": str(folder / MODEL_NAME)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,6 +149,4 @@ def ship(source: Path, target: Path, init: str, argv: Sequence[str] | None) -> N
 
 
 if __name__ == "__main__":
-    from compress.cli import run_cli
-
     raise SystemExit(run_cli(main))

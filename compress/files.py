@@ -6,6 +6,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from compress.errors import PipelineError
+
 
 def current_umask() -> int:
     """The process umask (reading it means setting it, so it is set straight back)."""
@@ -28,3 +30,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+class OutputError(PipelineError):
+    """An output folder that cannot be created or written."""
+
+
+def prepare_output(folder: str | os.PathLike) -> Path:
+    """Create the output folder and prove it is writable, so a run does not fail after its first epoch."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"output folder {folder} is not writable ({exc.strerror or exc})") from None
+    return folder

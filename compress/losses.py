@@ -1,4 +1,4 @@
-"""DynamicViT's training loss as small pure functions (SPEC section 1).
+"""DynamicViT's training loss as small pure functions (Rao et al., NeurIPS 2021, the reference's DeiT recipe).
 
 total = CE(student, labels)
       + ratio_weight * mean_k mean_batch( (mean_tokens(decision_k) - rho**k)^2 )

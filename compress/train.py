@@ -6,12 +6,13 @@ rho**k of the patch tokens at stage k. Loss and recipe as the reference's DeiT r
 CE + ratio + KL + token MSE; AdamW, warm-up + per-iteration cosine, EMA, gradient clipping;
 cls_token/pos_embed frozen, backbone at 0.01x the rate and still for the first epochs.
 
-``--dense``: supervised training of the full-image backbone (the base that DynamicViT and
-masked fine-tuning start from). ``python -m compress.masked_ft`` uses the same loop with masked inputs.
+``--dense``: supervised training of the full-image backbone (the base that DynamicViT and masked
+fine-tuning start from). ``python -m compress.masked_ft`` runs the same loop with masked inputs.
 
-Runs under ``torchrun --nproc_per_node=N`` (DistributedDataParallel; gloo on CPU, nccl on GPU).
-Writes OUT/checkpoint.pth every epoch (resumable: ``--resume``), OUT/model.pth at the end
-(reference format + config + training metadata: what export reads), OUT/log.jsonl.
+Each mode is an objective for ``compress.training.fit``. Runs under ``torchrun --nproc_per_node=N``
+(DistributedDataParallel; gloo on CPU, nccl on GPU). Writes OUT/checkpoint.pth every epoch (resumable:
+``--resume``), OUT/model.pth at the end (reference format + config + training metadata: what export
+reads), OUT/log.jsonl.
 """
 from __future__ import annotations
 
@@ -21,42 +22,50 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import Subset
 
-from compress import engine
+from compress import training
 from compress.checkpoint import atomic_torch_save, load_dynamicvit, read_checkpoint_file
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, number_list_argument
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, number_list_argument, run_cli
 from compress.data import DEMO_DATASET, build_datasets, build_loaders, build_mixup, steps_per_epoch
-from compress.dynamicvit import DynamicViT, DynamicViTConfig, create_dynamicvit, dynamicvit_from_config
+from compress.dynamicvit import DEMO_VARIANT, PREDICTOR_PREFIX, DynamicViTBase
 from compress.errors import CheckpointError, PipelineError
+from compress.files import prepare_output
 from compress.losses import LossWeights, dynamicvit_loss
-from compress.masked_ft import forward_randomly_masked
-
-# The built-in demo architecture: a small ViT on 64x64 images, 8x8 patches (64 patch tokens),
-# depth 6, width 64; prediction modules before blocks 1, 3, 5 (evenly spread, as 3/6/9 in depth 12).
-DEMO_MODEL = "demo-vit"
-DEMO_BACKBONE = "vit_small_patch16_224"
-DEMO_BACKBONE_KWARGS = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 6, "num_heads": 2}
-DEMO_PRUNING_LOCATIONS = (1, 3, 5)
+from compress.masking import forward_randomly_masked
+from compress.models import DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, list_models, model_from_config, variant
 
 MODES = ("dynamicvit", "dense", "masked")
 CHECKPOINT_NAME, MODEL_NAME, EMA_NAME, LOG_NAME = "checkpoint.pth", "model.pth", "model_ema.pth", "log.jsonl"
+FROZEN_PARAMETERS = ("cls_token", "pos_embed")  # frozen in DynamicViT training (reference recipe)
+RECIPE_LR, RECIPE_BATCH = 1e-3, 1024  # the DeiT recipe's rate, quoted for a global batch of 1024
+# The run's identity (what is trained, on what, against which teacher) comes from the checkpoint on --resume;
+# length, output and run-time options come from the command line.
+RESUMED_OPTIONS = ("data", "init", "teacher", "keep_ratio", "mask_ratio_min", "mask_ratio_max", "seed")
+PROGS = {False: "python -m compress.train", True: "python -m compress.masked_ft"}
+DESCRIPTIONS = {
+    False: "DynamicViT training (Rao et al., NeurIPS 2021), or plain training of the dense base.",
+    True: "Masked fine-tuning of a full-image ViT before DynamicViT training (Shi & Wang, arXiv 2310.17177): "
+          "random patches are removed from the sequence and the class is predicted from the rest.",
+}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(training.OptimizerConfig):
     """Every option of a training run; stored in checkpoints (``training``) and resumed from."""
 
     mode: str = "dynamicvit"
     data: str = DEMO_DATASET
     out: str = "runs/train"
-    model: str = DEMO_MODEL
+    model: str = DEMO_VARIANT.name
     img_size: int | None = None
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -64,16 +73,9 @@ class TrainConfig:
     num_heads: int | None = None
     pruning_locations: tuple[int, ...] | None = None
     drop_path: float = 0.0
-    keep_ratio: float = 0.7
+    keep_ratio: float = DEFAULT_KEEP_RATIO
     init: str | None = None
     teacher: str | None = None
-    epochs: int = 30
-    warmup_epochs: float = 5.0
-    batch_size: int = 64
-    lr: float | None = None
-    min_lr: float = 1e-6
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
     backbone_lr_scale: float = 0.01
     backbone_frozen_epochs: int = 5
     ema_decay: float = 0.9999
@@ -98,6 +100,11 @@ class TrainConfig:
     train_split: str = "train"
     eval_split: str = "val"
 
+    @property
+    def target_keep(self) -> float:
+        """The keep ratio the model is trained and evaluated at (1.0: dense and masked training)."""
+        return self.keep_ratio if self.mode == "dynamicvit" else 1.0
+
     def to_dict(self) -> dict:
         data = asdict(self)
         if data["pruning_locations"] is not None:
@@ -110,7 +117,7 @@ class TrainResult:
     """What a finished run reports (main rank's view)."""
 
     out: Path
-    model: DynamicViT
+    model: DynamicViTBase
     epochs: int
     step: int
     metrics: dict = field(default_factory=dict)
@@ -131,14 +138,9 @@ def _clip(text: str) -> float | None:
 def build_parser(masked: bool = False) -> argparse.ArgumentParser:
     """The options of ``compress.train`` (or, with ``masked``, of ``compress.masked_ft``)."""
     defaults = TrainConfig(mode="masked" if masked else "dynamicvit")
-    prog = "python -m compress.masked_ft" if masked else "python -m compress.train"
-    doc = (sys.modules["compress.masked_ft"].__doc__ if masked else __doc__) or ""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter,
-        epilog=exit_codes_epilog()
-    )
+    parser = argparse.ArgumentParser(prog=PROGS[masked], description=DESCRIPTIONS[masked],
+                                     formatter_class=HelpFormatter, epilog=exit_codes_epilog())
     add_version_argument(parser)
-    add = parser.add_argument
     io = parser.add_argument_group("data and output")
     io.add_argument("--data", default=defaults.data,
                     help=f"'{DEMO_DATASET}' (built-in scikit-learn digits on a 64x64 canvas) or an ImageNet-style folder "
@@ -158,16 +160,16 @@ def build_parser(masked: bool = False) -> argparse.ArgumentParser:
 
     arch = parser.add_argument_group("model")
     arch.add_argument("--model", "-m", default=defaults.model,
-                      help=f"'{DEMO_MODEL}' ({DEMO_BACKBONE} with {DEMO_BACKBONE_KWARGS}), a registered DynamicViT "
-                      "variant or a timm ViT name; ignored with --init/--resume (the checkpoint decides)")
+                      help=f"a registered variant ({', '.join(list_models())}) or a timm ViT name; ignored with "
+                      f"--init/--resume (the checkpoint decides) (default: {defaults.model}, {DEMO_VARIANT.description})")
     arch.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's, 64 for the demo)")
     arch.add_argument("--patch-size", type=int, default=None, help="override the model's patch size (default: the model's)")
     arch.add_argument("--embed-dim", type=int, default=None, help="override the model's width (default: the model's)")
     arch.add_argument("--depth", type=int, default=None, help="override the model's depth (default: the model's)")
     arch.add_argument("--num-heads", type=int, default=None, help="override the model's head count (default: the model's)")
     arch.add_argument("--pruning-locations", type=_locations, default=None,
-                      help="blocks before which the prediction modules run, e.g. 3,6,9 (default: 1,3,5 for demo-vit, "
-                      "else depth/4, depth/2, 3depth/4)")
+                      help="blocks before which the prediction modules run, e.g. 3,6,9 (default: the variant's, 1,3,5 "
+                      "for demo-vit; depth/4, depth/2, 3depth/4 for a timm name or a changed --depth)")
     arch.add_argument("--drop-path", type=float, default=defaults.drop_path, help="stochastic depth rate")
     arch.add_argument("--init", default=None, help="start from this checkpoint (dense base, masked-fine-tuned base, "
                       "timm/DeiT weights or a DynamicViT) (default: random weights)")
@@ -179,13 +181,7 @@ def build_parser(masked: bool = False) -> argparse.ArgumentParser:
         arch.add_argument("--teacher", default=None, help="frozen teacher checkpoint (default: the --init weights)")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs")
-    opt.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, help="linear warm-up length")
-    opt.add_argument("--batch-size", "-b", type=int, default=defaults.batch_size, help="images per process and step")
-    opt.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 x global batch / 1024)")
-    opt.add_argument("--min-lr", type=float, default=defaults.min_lr, help="final rate of the cosine schedule")
-    opt.add_argument("--warmup-lr", type=float, default=defaults.warmup_lr, help="rate at the first step")
-    opt.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay")
+    training.add_optimizer_arguments(opt, defaults, f"{RECIPE_LR:g} x global batch / {RECIPE_BATCH}")
     opt.add_argument("--ema-decay", type=float, default=defaults.ema_decay, help="per-step EMA decay of the weights (0: off)")
     opt.add_argument("--clip-grad", type=_clip, default=defaults.clip_grad, help="gradient-norm clipping (0: off)")
     opt.add_argument("--mixup", type=float, default=defaults.mixup, help="mixup alpha (0: off)")
@@ -212,7 +208,6 @@ def build_parser(masked: bool = False) -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads per process (default: PyTorch's choice; use 1 on a machine other jobs share)")
     run.add_argument("--no-amp", dest="amp", action="store_false", help="disable mixed precision (default: bf16, else fp16, on GPU; none on CPU)")
-    del add
     return parser
 
 
@@ -222,55 +217,57 @@ def config_from_args(args: argparse.Namespace, mode: str | None = None) -> Train
     return TrainConfig(**values)
 
 
-# ----------------------------------------------------------------------------- model building
+# ----------------------------------------------------------------------------- models
 
 
-def build_model(cfg: TrainConfig, num_classes: int, image_size: int | None) -> tuple[DynamicViT, str]:
+def new_model_config(cfg: TrainConfig, num_classes: int, image_size: int | None) -> DynamicViTConfig:
+    """The registry's config for ``--model`` with the size overrides. A ``--depth`` that changes a registered
+    variant's depth leaves the variant's pruning locations behind: the family then spaces them for the new depth."""
+    overrides = {"img_size": cfg.img_size or image_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
+                 "depth": cfg.depth, "num_heads": cfg.num_heads, "num_classes": num_classes,
+                 "drop_path_rate": cfg.drop_path or None}
+    config = config_for(cfg.model, cfg.target_keep, cfg.pruning_locations,
+                        **{k: v for k, v in overrides.items() if v is not None})
+    spec = variant(cfg.model)
+    if cfg.pruning_locations is None and spec is not None and cfg.depth not in (None, spec.arch.get("depth")):
+        config = replace(config, pruning_locations=())
+    return config
+
+
+def build_model(cfg: TrainConfig, num_classes: int, image_size: int | None) -> tuple[DynamicViTBase, str]:
     """The student, from --init or from a name; returns (model, where its weights came from)."""
-    keep = cfg.keep_ratio if cfg.mode == "dynamicvit" else 1.0
     if cfg.init:
         loaded = load_dynamicvit(cfg.init)
         model = loaded.model
         for note in loaded.notes:
             print(f"note: {note}", file=sys.stderr)
-        head = model.num_classes
-        if head != num_classes:
-            raise CheckpointError(f"--init {cfg.init} has a {head}-class head but the data has {num_classes} classes")
+        if model.num_classes != num_classes:
+            raise CheckpointError(f"--init {cfg.init} has a {model.num_classes}-class head but the data has {num_classes} classes")
         source = cfg.init
     else:
-        kwargs = dict(DEMO_BACKBONE_KWARGS) if cfg.model == DEMO_MODEL else {}
-        name = DEMO_BACKBONE if cfg.model == DEMO_MODEL else cfg.model
-        overrides = {"img_size": cfg.img_size or image_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim,
-                     "depth": cfg.depth, "num_heads": cfg.num_heads}
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        kwargs["num_classes"] = num_classes
-        if cfg.drop_path:
-            kwargs["drop_path_rate"] = cfg.drop_path
-        locations = cfg.pruning_locations
-        if locations is None and cfg.model == DEMO_MODEL and kwargs["depth"] == DEMO_BACKBONE_KWARGS["depth"]:
-            locations = DEMO_PRUNING_LOCATIONS
+        config = new_model_config(cfg, num_classes, image_size)
         try:
-            model = create_dynamicvit(name, keep, locations, **kwargs)
+            model = model_from_config(config)
         except (TypeError, ValueError, AssertionError) as exc:
             if isinstance(exc, PipelineError):
                 raise
-            raise PipelineError(f"cannot build {name} with {kwargs}: {exc}") from None
+            raise PipelineError(f"cannot build {cfg.model} with {config.backbone_kwargs}: {exc}") from None
         source = "random initialisation"
-    model.config = replace(model.config, keep_ratio=keep)
-    model.keep_ratio = keep
+    model.config = replace(model.config, keep_ratio=cfg.target_keep)
+    model.keep_ratio = cfg.target_keep
     return model, source
 
 
-def model_image_size(model: DynamicViT) -> int:
-    return int(model.patch_embed.img_size[0])
+def model_image_size(model: DynamicViTBase) -> int:
+    return int(model.image_shape[1])
 
 
-def load_resume_state(path: str | Path) -> tuple[DynamicViT, dict]:
+def load_resume_state(path: str | Path) -> tuple[DynamicViTBase, dict]:
     """Model and the training state stored beside it (optimizer, EMA, step, RNG) in a checkpoint.pth."""
     weights, rest = read_checkpoint_file(path)
     if not isinstance(rest.get("config"), dict) or "optimizer" not in rest or "step" not in rest:
         raise CheckpointError(f"{path} is not a resumable training checkpoint (no config/optimizer/step)")
-    model = dynamicvit_from_config(DynamicViTConfig.from_dict(rest["config"]))
+    model = model_from_config(DynamicViTConfig.from_dict(rest["config"]))
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
@@ -278,7 +275,7 @@ def load_resume_state(path: str | Path) -> tuple[DynamicViT, dict]:
     return model, rest
 
 
-def build_teacher(cfg: TrainConfig, student: DynamicViT, env: engine.DistEnv, stored: dict | None = None) -> DynamicViT:
+def build_teacher(cfg: TrainConfig, student: DynamicViTBase, env: training.DistEnv, stored: dict | None = None) -> DynamicViTBase:
     """The unpruned, frozen teacher: --teacher, else the --init weights, else (no file to reload on
     resume) the student's starting weights, which checkpoints then carry as ``teacher``."""
     if cfg.teacher:
@@ -300,36 +297,139 @@ def build_teacher(cfg: TrainConfig, student: DynamicViT, env: engine.DistEnv, st
     return teacher
 
 
-class TrainForward(nn.Module):
-    """The training forward of each mode, as one module so DistributedDataParallel can wrap it."""
+# ----------------------------------------------------------------------------- parameter groups
 
-    def __init__(self, model: DynamicViT, mode: str, mask_ratio_min: float = 0.0, mask_ratio_max: float = 0.0):
+
+def dynamicvit_param_groups(model: nn.Module, weight_decay: float, backbone_lr_scale: float, backbone_frozen_epochs: int) -> list[dict]:
+    """The reference recipe: cls_token and pos_embed frozen; predictors at full rate;
+    the rest of the backbone at ``backbone_lr_scale`` x the rate, held still for ``backbone_frozen_epochs``."""
+    predictors, backbone = [], []
+    for name, parameter in model.named_parameters():
+        if name in FROZEN_PARAMETERS:
+            parameter.requires_grad_(False)
+            continue
+        parameter.requires_grad_(True)
+        (predictors if name.startswith(PREDICTOR_PREFIX) else backbone).append((name, parameter))
+    return training.weight_decay_groups(predictors, weight_decay, name="predictors", lr_scale=1.0) + \
+        training.weight_decay_groups(backbone, weight_decay, name="backbone", lr_scale=backbone_lr_scale,
+                                     frozen_epochs=backbone_frozen_epochs)
+
+
+def backbone_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Plain supervised training of the dense backbone: every backbone parameter at the full rate.
+
+    The prediction modules take no part in a dense forward; they get no gradient and must not
+    be handed to DistributedDataParallel as trainable (it would wait for their gradients).
+    """
+    named = []
+    for name, parameter in model.named_parameters():
+        trainable = not name.startswith(PREDICTOR_PREFIX)
+        parameter.requires_grad_(trainable)
+        if trainable:
+            named.append((name, parameter))
+    return training.weight_decay_groups(named, weight_decay, name="backbone", lr_scale=1.0)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+class ForwardModule(nn.Module):
+    """``forward(model, images)`` as a module holding ``model``, so DistributedDataParallel can wrap the one
+    forward a mode trains through (the model's parameters, registered under ``model``)."""
+
+    def __init__(self, model: DynamicViTBase, forward: Callable):
         super().__init__()
-        self.model, self.mode = model, mode
-        self.mask_ratio_min, self.mask_ratio_max = mask_ratio_min, mask_ratio_max
+        self.model, self.forward_fn = model, forward
 
     def forward(self, images: torch.Tensor):
-        if self.mode == "dynamicvit":
-            return self.model.forward_masked(images)
-        if self.mode == "masked":
-            return forward_randomly_masked(self.model, images, self.mask_ratio_min, self.mask_ratio_max)
-        return self.model.forward_dense(images)[0]
+        return self.forward_fn(self.model, images)
 
 
-def classification_loss_fn(cfg: TrainConfig, mixup_enabled: bool):
+def training_forward(model: DynamicViTBase, images: torch.Tensor):
+    """DynamicViT's training forward: hard Gumbel decisions, attention masking (a ``MaskedForwardOutput``)."""
+    return model.forward_masked(images)
+
+
+def dense_logits(model: DynamicViTBase, images: torch.Tensor) -> torch.Tensor:
+    return model.forward_dense(images)[0]
+
+
+def keep_fraction_terms(stage_decisions: Sequence[torch.Tensor]) -> dict[str, float]:
+    """The fraction of patch tokens each stage keeps in training, as ``keep_fraction_<stage>`` (from 1)."""
+    return {f"keep_fraction_{stage}": float(d.detach().mean()) for stage, d in enumerate(stage_decisions, 1)}
+
+
+class DynamicViTDistillation:
+    """DynamicViT's loss (CE + keep ratio + KL + token MSE) against the frozen teacher's dense forward; also
+    logs the fraction each stage keeps. Terms: cls, ratio, kl, token_mse, keep_fraction_<stage>."""
+
+    divergence_hint = ("lower --lr or --keep's distance from 1, raise --clip-grad strength, or --resume from the "
+                       "last checkpoint")
+
+    def __init__(self, student: nn.Module, teacher: DynamicViTBase, keep_ratio: float, weights: LossWeights,
+                 classification_loss: Callable = F.cross_entropy):
+        self.student, self.teacher, self.keep_ratio = student, teacher, keep_ratio
+        self.weights, self.classification_loss = weights, classification_loss
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        output = self.student(images)
+        with torch.no_grad():
+            teacher_logits, teacher_tokens = self.teacher.forward_dense(images)
+        loss, terms = dynamicvit_loss(output, teacher_logits, teacher_tokens, labels, self.keep_ratio, self.weights,
+                                      self.classification_loss)
+        return loss, {**terms, **keep_fraction_terms(output.stage_decisions)}
+
+
+class Classification:
+    """The classification loss of a forward's logits (dense or masked training). Terms: cls."""
+
+    divergence_hint = "lower --lr, raise --clip-grad strength, or --resume from the last checkpoint"
+
+    def __init__(self, forward: nn.Module, classification_loss: Callable = F.cross_entropy):
+        self.forward, self.classification_loss = forward, classification_loss
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.classification_loss(self.forward(images).float(), labels)
+        return loss, {"cls": float(loss.detach())}
+
+
+class WithMixup:
+    """Mixup/CutMix on every batch before ``objective`` (labels become soft targets)."""
+
+    def __init__(self, objective: training.Objective, mixup: Callable):
+        self.objective, self.mixup = objective, mixup
+        self.divergence_hint = objective.divergence_hint
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        # Under fit's autocast: Mixup's element-wise blends and one-hot targets are not autocast operations.
+        return self.objective(*self.mixup(images, labels))
+
+
+def classification_loss_fn(smoothing: float, mixup_enabled: bool) -> Callable:
     if mixup_enabled:
-        from timm.loss import SoftTargetCrossEntropy
-
-        return SoftTargetCrossEntropy()
-    if cfg.smoothing > 0:
-        return lambda logits, labels: F.cross_entropy(logits, labels, label_smoothing=cfg.smoothing)
+        return SoftTargetCrossEntropy()  # mixup's targets already carry the smoothing
+    if smoothing > 0:
+        return partial(F.cross_entropy, label_smoothing=smoothing)
     return F.cross_entropy
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if not cfg.amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def build_objective(cfg: TrainConfig, model: DynamicViTBase, teacher: DynamicViTBase | None, num_classes: int,
+                    env: training.DistEnv) -> training.Objective:
+    """The mode's objective; the forward it trains through is wrapped for DistributedDataParallel under torchrun."""
+    mixup = build_mixup(cfg.mixup, cfg.cutmix, cfg.smoothing, num_classes)
+    classification_loss = classification_loss_fn(cfg.smoothing, mixup is not None)
+    if cfg.mode == "dynamicvit":
+        student = training.wrap_distributed(ForwardModule(model, training_forward), env)
+        weights = LossWeights(cfg.ratio_weight, cfg.distill_weight, cfg.token_distill_weight)
+        objective = DynamicViTDistillation(student, teacher, cfg.keep_ratio, weights, classification_loss)
+    else:
+        forward = dense_logits if cfg.mode == "dense" else partial(
+            forward_randomly_masked, mask_ratio_min=cfg.mask_ratio_min, mask_ratio_max=cfg.mask_ratio_max)
+        objective = Classification(training.wrap_distributed(ForwardModule(model, forward), env), classification_loss)
+    return objective if mixup is None else WithMixup(objective, mixup)
+
+
+# ----------------------------------------------------------------------------- a run
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -349,104 +449,122 @@ def _validate(cfg: TrainConfig) -> None:
             raise CheckpointError(f"--{option} checkpoint not found: {path}")
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) a training run; every rank calls this, the main rank writes files."""
     _validate(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    env = engine.init_distributed(cfg.device)
+    env = training.init_distributed(cfg.device)
     try:
         return _train(cfg, env)
     finally:
-        engine.shutdown_distributed()
+        training.shutdown_distributed()
 
 
-def _train(cfg: TrainConfig, env: engine.DistEnv) -> TrainResult:
-    out = engine.prepare_output(cfg.out) if env.is_main else Path(cfg.out)
-    engine.barrier(env)
-    resume_state = None
-    if cfg.resume:
-        resume_path = Path(cfg.out) / CHECKPOINT_NAME if cfg.resume == "auto" else Path(cfg.resume)
-        model, resume_state = load_resume_state(resume_path)
-        stored = resume_state.get("training", {})
-        if stored.get("mode", cfg.mode) != cfg.mode:
-            raise PipelineError(f"{resume_path} was a '{stored.get('mode')}' run, not '{cfg.mode}'")
-        # The run's identity (what is trained, on what, against which teacher) comes from the checkpoint;
-        # length, output and run-time options come from the command line.
-        for name in ("data", "init", "teacher", "keep_ratio", "mask_ratio_min", "mask_ratio_max", "seed"):
-            if name in stored:
-                setattr(cfg, name, stored[name])
-        source = str(resume_path)
+def _resume(cfg: TrainConfig) -> tuple[DynamicViTBase, dict, str]:
+    """The model and training state of --resume; the run's identity options are taken from the checkpoint."""
+    path = Path(cfg.out) / CHECKPOINT_NAME if cfg.resume == "auto" else Path(cfg.resume)
+    model, state = load_resume_state(path)
+    stored = state.get("training", {})
+    if stored.get("mode", cfg.mode) != cfg.mode:
+        raise PipelineError(f"{path} was a '{stored.get('mode')}' run, not '{cfg.mode}'")
+    for name in RESUMED_OPTIONS:
+        if name in stored:
+            setattr(cfg, name, stored[name])
+    return model, state, str(path)
 
-    torch.manual_seed(cfg.seed)
-    train_set, eval_set, spec = build_datasets(cfg.data, cfg.img_size, cfg.train_split, cfg.eval_split)
+
+def _datasets(cfg: TrainConfig, image_size: int | None = None):
+    train_set, eval_set, spec = build_datasets(cfg.data, image_size, cfg.train_split, cfg.eval_split)
     if cfg.limit_train:
         train_set = Subset(train_set, range(min(cfg.limit_train, len(train_set))))
     if cfg.limit_eval:
         eval_set = Subset(eval_set, range(min(cfg.limit_eval, len(eval_set))))
+    return train_set, eval_set, spec
+
+
+def restore_training_state(state: dict, optimizer, ema: training.ModelEma | None, scaler, env: training.DistEnv,
+                           seed: int) -> tuple[int, int, list[dict]]:
+    """Load a checkpoint's optimizer, EMA, loss scaler and random state; returns (epoch, step, history).
+
+    The main rank continues its saved random state; the others (their state is not saved) reseed from the step.
+    """
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and "model_ema" in state:
+        ema.load_state_dict(state["model_ema"])
+    if "scaler" in state and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
+    epoch, step = int(state["epoch"]), int(state["step"])
+    rng = state.get("rng", {})
+    if env.is_main and "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+        if env.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    else:
+        torch.manual_seed(seed + 7919 * env.rank + step)
+    return epoch, step, list(state.get("history", []))
+
+
+def epoch_record(cfg: TrainConfig, summary: training.EpochSummary, metrics: dict, num_stages: int) -> dict:
+    """The log line of an epoch: its mean loss terms and the evaluation at the target keep ratio."""
+    means = summary.means
+    record = {"epoch": summary.epoch, "step": summary.step, "lr": summary.lr,
+              "train_loss": means["loss"], "train_cls": means["cls"],
+              "eval_keep_ratio": cfg.target_keep, "eval_top1": metrics["top1"], "eval_top5": metrics["top5"]}
+    if cfg.mode == "dynamicvit":
+        record.update(train_ratio=means["ratio"], train_kl=means["kl"], train_token_mse=means["token_mse"],
+                      train_keep_fraction=[round(means[f"keep_fraction_{k}"], 4) for k in range(1, num_stages + 1)])
+    return record
+
+
+def _train(cfg: TrainConfig, env: training.DistEnv) -> TrainResult:
+    out = prepare_output(cfg.out) if env.is_main else Path(cfg.out)
+    training.barrier(env)
+    resume_state = None
+    if cfg.resume:
+        model, resume_state, source = _resume(cfg)
+
+    torch.manual_seed(cfg.seed)
+    train_set, eval_set, spec = _datasets(cfg, cfg.img_size)
     if resume_state is None:
         model, source = build_model(cfg, spec.num_classes, spec.image_size)
     if model_image_size(model) != spec.image_size:
         if cfg.data == DEMO_DATASET and cfg.img_size is None:
-            train_set, eval_set, spec = build_datasets(cfg.data, model_image_size(model))
+            train_set, eval_set, spec = _datasets(cfg, model_image_size(model))
         else:
             raise PipelineError(f"the model takes {model_image_size(model)}-pixel images but --img-size/data gives {spec.image_size}")
     model.to(env.device)
     torch.manual_seed(cfg.seed + env.rank)
 
+    teacher = None
     if cfg.mode == "dynamicvit":
-        groups = engine.dynamicvit_param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale, cfg.backbone_frozen_epochs)
+        groups = dynamicvit_param_groups(model, cfg.weight_decay, cfg.backbone_lr_scale, cfg.backbone_frozen_epochs)
         teacher = build_teacher(cfg, model, env, resume_state.get("teacher") if resume_state else None)
     else:
-        groups = engine.backbone_param_groups(model, cfg.weight_decay)
-        teacher = None
+        groups = backbone_param_groups(model, cfg.weight_decay)
     global_batch = cfg.batch_size * env.world_size
-    base_lr = cfg.lr if cfg.lr is not None else engine.scaled_lr(1e-3, global_batch)
-    optimizer = torch.optim.AdamW(groups, lr=base_lr, weight_decay=cfg.weight_decay)
-    ema = engine.ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    amp_dtype = _amp_dtype(cfg, env.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    forward = TrainForward(model, cfg.mode, cfg.mask_ratio_min, cfg.mask_ratio_max)
-    if env.distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        forward = nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
+    base_lr = cfg.peak_lr(global_batch, RECIPE_LR, RECIPE_BATCH)
+    optimizer = cfg.adamw(groups, base_lr)
+    ema = training.ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    amp = training.amp_dtype(cfg.amp, env.device)
+    scaler = training.grad_scaler(amp)
+    objective = build_objective(cfg, model, teacher, spec.num_classes, env)
     train_loader, eval_loader = build_loaders(train_set, eval_set, cfg.batch_size, cfg.workers, cfg.seed, env.rank, env.world_size)
     per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, env.world_size)
-    total_steps = per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * per_epoch))
-    mixup = build_mixup(cfg.mixup, cfg.cutmix, cfg.smoothing, spec.num_classes)
-    classification_loss = classification_loss_fn(cfg, mixup is not None)
-    weights = LossWeights(cfg.ratio_weight, cfg.distill_weight, cfg.token_distill_weight)
-    eval_keep = cfg.keep_ratio if cfg.mode == "dynamicvit" else 1.0
+    schedule = cfg.schedule(base_lr, per_epoch)
 
     start_epoch, step, history = 0, 0, []
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if ema is not None and "model_ema" in resume_state:
-            ema.load_state_dict(resume_state["model_ema"])
-        if "scaler" in resume_state and scaler.is_enabled():
-            scaler.load_state_dict(resume_state["scaler"])
-        start_epoch, step = int(resume_state["epoch"]), int(resume_state["step"])
-        history = list(resume_state.get("history", []))
-        rng = resume_state.get("rng", {})
-        if env.is_main and "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-            if env.device.type == "cuda" and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"])
-        else:
-            torch.manual_seed(cfg.seed + 7919 * env.rank + step)
+        start_epoch, step, history = restore_training_state(resume_state, optimizer, ema, scaler, env, cfg.seed)
         if env.is_main:
             print(f"resumed from {source}: epoch {start_epoch}, step {step}", file=sys.stderr)
 
-    log = engine.JsonLinesLog(out / LOG_NAME, enabled=env.is_main)
+    log = training.JsonLinesLog(out / LOG_NAME, enabled=env.is_main)
     metadata = {
         "training": {**cfg.to_dict(), "lr_resolved": base_lr, "world_size": env.world_size, "init_source": source},
         "data": asdict(spec),
     }
+    eval_keep = cfg.target_keep
     if env.is_main:
         counts = model.stage_keep_counts() if cfg.mode == "dynamicvit" else "all"
         print(f"{cfg.mode}: {model.config.backbone} {model.config.backbone_kwargs} | {len(train_set)} train / "
@@ -454,71 +572,22 @@ def _train(cfg: TrainConfig, env: engine.DistEnv) -> TrainResult:
               f"lr {base_lr:.3g} | keep {eval_keep} -> tokens {counts} | from {source}", file=sys.stderr)
 
     model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, cls, ratio, kl, token_mse, batches
-        keep_sums = torch.zeros(len(model.config.pruning_locations), dtype=torch.float64)
-        lr = base_lr
-        batches = engine.progress_bar(train_loader, len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", env.is_main)
-        for images, labels in batches:
-            lr = engine.scheduled_lr(step, base_lr, cfg.min_lr, warmup_steps, total_steps, cfg.warmup_lr)
-            engine.apply_lr(optimizer, lr, epoch)
-            images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
-            if mixup is not None:
-                images, labels = mixup(images, labels)
-            with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                output = forward(images)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits, teacher_tokens = teacher.forward_dense(images)
-                    loss, terms = dynamicvit_loss(output, teacher_logits, teacher_tokens, labels, cfg.keep_ratio,
-                                                  weights, classification_loss)
-                    keep_sums += torch.tensor([float(d.detach().mean()) for d in output.stage_decisions], dtype=torch.float64)
-                else:
-                    loss = classification_loss(output.float(), labels)
-                    terms = {"cls": float(loss.detach())}
-            if not torch.isfinite(loss):
-                raise PipelineError(f"loss became {float(loss)} at step {step} (epoch {epoch + 1}): lower --lr or "
-                                    f"--keep's distance from 1, raise --clip-grad strength, or --resume from the last checkpoint")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            sums += torch.tensor([float(loss.detach()), terms.get("cls", 0.0), terms.get("ratio", 0.0),
-                                  terms.get("kl", 0.0), terms.get("token_mse", 0.0), 1.0], dtype=torch.float64)
-        reduced = engine.all_reduce_sum(torch.cat([sums, keep_sums]).to(env.device), env).cpu()
-        sums, keep_sums = reduced[:6], reduced[6:]
-        batches_seen = max(float(sums[5]), 1.0)
-        metrics = engine.evaluate(model, eval_loader, eval_keep, env, amp_dtype, top_k=(1, 5))
-        record = {
-            "epoch": epoch + 1, "step": step, "lr": lr,
-            "train_loss": float(sums[0]) / batches_seen, "train_cls": float(sums[1]) / batches_seen,
-            "eval_keep_ratio": eval_keep, "eval_top1": metrics["top1"], "eval_top5": metrics["top5"],
-        }
-        if cfg.mode == "dynamicvit":
-            record.update(train_ratio=float(sums[2]) / batches_seen, train_kl=float(sums[3]) / batches_seen,
-                          train_token_mse=float(sums[4]) / batches_seen,
-                          train_keep_fraction=[round(float(v) / batches_seen, 4) for v in keep_sums])
+    epochs = training.fit(objective, optimizer, train_loader, schedule, env, start_epoch=start_epoch, start_step=step,
+                          amp=amp, scaler=scaler, model=model, clip_grad=cfg.clip_grad, ema=ema)
+    for summary in epochs:
+        step = summary.step
+        metrics = training.evaluate(model, eval_loader, eval_keep, env, amp, top_k=(1, 5))
+        record = epoch_record(cfg, summary, metrics, model.num_stages)
         if ema is not None:
-            record["eval_top1_ema"] = engine.evaluate(ema.module, eval_loader, eval_keep, env, amp_dtype)["top1"]
-        record["seconds"] = round(time.time() - started, 2)
+            record["eval_top1_ema"] = training.evaluate(ema.module, eval_loader, eval_keep, env, amp)["top1"]
+        record["seconds"] = round(time.time() - summary.started, 2)
         history.append(record)
         log.write(record)
         if env.is_main:
-            ema_text = f" (EMA {record['eval_top1_ema']:.2f})" if ema is not None else ""
-            keep_text = f" keep {record['train_keep_fraction']}" if cfg.mode == "dynamicvit" else ""
-            print(f"epoch {epoch + 1}/{cfg.epochs} step {step} loss {record['train_loss']:.4f}{keep_text} "
-                  f"eval@{eval_keep} top1 {metrics['top1']:.2f}{ema_text} [{record['seconds']:.1f}s]", file=sys.stderr)
+            _print_epoch(record, cfg, ema is not None)
             state = {
                 "model": model.state_dict(), "config": model.config.to_dict(), **metadata,
-                "epoch": epoch + 1, "step": step, "metrics": record, "history": history,
+                "epoch": summary.epoch, "step": step, "metrics": record, "history": history,
                 "optimizer": optimizer.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if env.device.type == "cuda" else {})},
             }
@@ -529,28 +598,29 @@ def _train(cfg: TrainConfig, env: engine.DistEnv) -> TrainResult:
             if scaler.is_enabled():
                 state["scaler"] = scaler.state_dict()
             atomic_torch_save(state, out / CHECKPOINT_NAME)
-        engine.barrier(env)
-        if cfg.stop_after is not None and epoch + 1 >= cfg.stop_after and epoch + 1 < cfg.epochs:
+        training.barrier(env)
+        if cfg.stop_after is not None and cfg.stop_after <= summary.epoch < cfg.epochs:
             if env.is_main:
-                print(f"stopped after epoch {epoch + 1} of {cfg.epochs}: continue with --resume", file=sys.stderr)
-            return TrainResult(out, model, epoch + 1, step, history[-1], history)
+                print(f"stopped after epoch {summary.epoch} of {cfg.epochs}: continue with --resume", file=sys.stderr)
+            return TrainResult(out, model, summary.epoch, step, record, history)
 
     final = history[-1] if history else {}
     if env.is_main:
-        summary = {**metadata, "epoch": cfg.epochs, "step": step, "metrics": final}
-        atomic_torch_save({"model": model.state_dict(), "config": model.config.to_dict(), **summary}, out / MODEL_NAME)
+        summary_metadata = {**metadata, "epoch": cfg.epochs, "step": step, "metrics": final}
+        atomic_torch_save({"model": model.state_dict(), "config": model.config.to_dict(), **summary_metadata}, out / MODEL_NAME)
         if ema is not None:
-            atomic_torch_save({"model": ema.state_dict(), "config": model.config.to_dict(), **summary, "ema_decay": cfg.ema_decay},
-                              out / EMA_NAME)
-    engine.barrier(env)
+            atomic_torch_save({"model": ema.state_dict(), "config": model.config.to_dict(), **summary_metadata,
+                               "ema_decay": cfg.ema_decay}, out / EMA_NAME)
+    training.barrier(env)
     return TrainResult(out, model, cfg.epochs, step, final, history)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    print_checkpoint_location(train(config), config.epochs)
-    return 0
+def _print_epoch(record: dict, cfg: TrainConfig, with_ema: bool) -> None:
+    ema_text = f" (EMA {record['eval_top1_ema']:.2f})" if with_ema else ""
+    keep_text = f" keep {record['train_keep_fraction']}" if cfg.mode == "dynamicvit" else ""
+    print(f"epoch {record['epoch']}/{cfg.epochs} step {record['step']} loss {record['train_loss']:.4f}{keep_text} "
+          f"eval@{record['eval_keep_ratio']} top1 {record['eval_top1']:.2f}{ema_text} [{record['seconds']:.1f}s]",
+          file=sys.stderr)
 
 
 def print_checkpoint_location(result: TrainResult, epochs: int) -> None:
@@ -563,7 +633,11 @@ def print_checkpoint_location(result: TrainResult, epochs: int) -> None:
         print(f"stopped after epoch {result.epochs}: resumable checkpoint written to {result.out / CHECKPOINT_NAME}")
 
 
-if __name__ == "__main__":
-    from compress.cli import run_cli
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_args(build_parser().parse_args(argv))
+    print_checkpoint_location(train(config), config.epochs)
+    return 0
 
+
+if __name__ == "__main__":
     raise SystemExit(run_cli(main))

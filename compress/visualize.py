@@ -29,8 +29,7 @@ from compress.cli import (
     run_cli,
 )
 from compress.demo import demo_checkpoint_path
-from compress.engine import prepare_output
-from compress.files import atomic_write
+from compress.files import atomic_write, prepare_output
 from compress.images import DEMO_SOURCE, ImageSample, Preprocessing, load_images, preprocessing_for, range_pick
 
 DEFAULT_OUT = "runs/kept_tokens.png"  # an ignored folder: the picture shipped under docs/ is written on request only

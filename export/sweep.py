@@ -40,9 +40,8 @@ from compress.cli import (
     positive_int,
     run_cli,
 )
-from compress.engine import prepare_output
 from compress.errors import PipelineError
-from compress.files import atomic_write
+from compress.files import atomic_write, prepare_output
 from compress.images import DEMO_SOURCE
 from compress.tocom import OffGridKeepRatio
 from export.api import ExportSubject, load_subject, with_tocom

@@ -3,13 +3,8 @@ import torch
 
 from compress import create_dynamicvit
 from compress.checkpoint import load_dynamicvit
-from compress.masked_ft import (
-    forward_visible_patches,
-    main,
-    random_visible_patches,
-    sample_mask_ratio,
-    visible_patch_count,
-)
+from compress.masked_ft import main
+from compress.masking import forward_visible_patches, random_visible_patches, sample_mask_ratio, visible_patch_count
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 

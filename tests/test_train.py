@@ -9,7 +9,6 @@ from compress import create_dynamicvit
 from compress.checkpoint import load_dynamicvit
 from compress.cli import run_cli
 from compress.data import DemoDigits
-from compress.engine import apply_lr, dynamicvit_param_groups, read_json_lines, scheduled_lr
 from compress.losses import (
     LossWeights,
     dynamicvit_loss,
@@ -18,7 +17,8 @@ from compress.losses import (
     stage_targets,
     token_distillation_loss,
 )
-from compress.train import TrainConfig, main, train
+from compress.train import TrainConfig, dynamicvit_param_groups, main, train
+from compress.training import apply_lr, read_json_lines, scheduled_lr
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 TINY_FLAGS = ["--embed-dim", "32", "--depth", "4", "--num-heads", "2"]

@@ -4,7 +4,7 @@ import torch
 
 from compress.checkpoint import load_dynamicvit
 from compress.demo import demo_checkpoint_path, demo_dataset, demo_loader
-from compress.engine import DistEnv, evaluate
+from compress.training import DistEnv, evaluate
 from compress.visualize import dim_dropped, kept_patch_masks
 
 
@@ -33,7 +33,7 @@ def test_kept_patch_masks_and_dimming():
     assert masks.shape == (2, 1, 16) and masks[0, 0, :4].all() and int(masks[0].sum()) == 4
     assert masks[1, 0].nonzero().flatten().tolist() == [1, 3]
     image = torch.ones(8, 8, 3)
-    dimmed = dim_dropped(image, masks[1, 0], patch=2, factor=0.25)
+    dimmed = dim_dropped(image, masks[1, 0], patch=(2, 2), factor=0.25)
     assert float(dimmed[0, 2, 0]) == 1.0 and float(dimmed[0, 0, 0]) == 0.25  # patch 1 kept, patch 0 dropped
 
 
