@@ -1,11 +1,7 @@
 """Calibration sets: a fixed, seeded sample of N images, preprocessed exactly as the model is evaluated.
 
-Sources (``--calib-data``), read by ``compress.images``:
-- ``demo``: the built-in demo dataset's *train* split (the test split stays for measuring accuracy);
-- a folder of images (searched recursively; ``root/<class>/<image>`` gives labels by sorted class folder),
-  preprocessed with the model's eval transform (timm ``resolve_data_config`` + ``create_transform``);
-- a ``.npy`` / ``.npz`` file: float arrays [N, C, H, W] are taken as already preprocessed; uint8 arrays
-  [N, H, W, C] or [N, C, H, W] are scaled to [0, 1] and normalised with the model's mean/std (no resizing).
+Sources (``--calib-data``) are those ``compress.images`` reads: ``demo`` (here the demo dataset's *train* split;
+the test split stays for measuring accuracy), a folder of images, or a ``.npy`` / ``.npz`` file.
 
 ``check_image_source(text)`` refuses a missing, empty or unreadable source cheaply, before any export work.
 Preprocessed samples of ``demo`` and folders are cached as ``.npy`` files keyed by a hash of the source

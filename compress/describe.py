@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from compress.checkpoint import LoadedCheckpoint, load_dynamicvit
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, keep_ratio_argument, run_cli
+from compress.cli import add_version_argument, keep_ratio_argument, parser_from_docstring, run_cli
 from compress.complexity import analytic_macs, vit_shape
 from compress.models import create_model
 from compress.token_select import TIE_RULE
@@ -19,9 +19,7 @@ DEFAULT_MODEL = "dynamicvit_deit_small"  # described when neither a checkpoint n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m compress.describe", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter, epilog=exit_codes_epilog())
-    add_version_argument(parser)
+    parser = add_version_argument(parser_from_docstring("python -m compress.describe", __doc__))
     parser.add_argument("checkpoint", nargs="?", default=None, help="reference .pth ({'model': ...}), this project's checkpoint, "
                         "a plain state dict or a timm/DeiT backbone (.pth/.safetensors) "
                         "(default: none: --model with random weights, labelled as such)")

@@ -20,11 +20,10 @@ from matplotlib.figure import Figure
 
 from compress.checkpoint import load_dynamicvit
 from compress.cli import (
-    HelpFormatter,
     add_version_argument,
-    exit_codes_epilog,
     keep_ratio_argument,
     non_negative_int,
+    parser_from_docstring,
     positive_int,
     run_cli,
 )
@@ -100,9 +99,7 @@ def kept_tokens_figure(model, sample: ImageSample, first: int, preprocessing: Pr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m compress.visualize", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter, epilog=exit_codes_epilog())
-    add_version_argument(parser)
+    parser = add_version_argument(parser_from_docstring("python -m compress.visualize", __doc__))
     parser.add_argument("--checkpoint", "-c", default=None, help="DynamicViT checkpoint (default: the shipped demo model)")
     parser.add_argument("--keep", "-k", type=keep_ratio_argument, default=None,
                         help="keep ratio in (0, 1] (default: the checkpoint's)")
