@@ -25,18 +25,18 @@ Shapes: [batch, tokens, channels].
 """
 from __future__ import annotations
 
-import copy
 import os
+from dataclasses import replace
 from typing import Callable, NamedTuple, Sequence
 
-import timm
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from compress.checkpoint import infer_config, read_checkpoint_file
 from compress.complexity import block_macs
-from compress.dynamicvit import ADOPTED_BACKBONE_PARTS, PREDICTOR_PREFIX, check_backbone, timm_backbone_name
+from compress.dynamicvit import (ADOPTED_BACKBONE_PARTS, DEIT_HEAD_DIM, FAMILY, PREDICTOR_PREFIX, build_deit,
+                                 check_backbone)
 from compress.errors import CheckpointError, PipelineError
 from compress.registry import DynamicViTConfig, UnknownModel, config_for
 
@@ -325,6 +325,14 @@ def strip_prefix(weights: dict[str, torch.Tensor], prefix: str = REFERENCE_PREFI
     return weights
 
 
+def build_tome(config: DynamicViTConfig, r: int | Sequence[int] = 0) -> ToMeViT:
+    """A ToMe model with random weights on the timm ViT/DeiT backbone ``config`` describes."""
+    if config.family != FAMILY:
+        raise UnknownModel(f"ToMe runs on timm ViT/DeiT backbones, not on the {config.family!r} family")
+    backbone = build_deit(replace(config, pruning_locations=(), keep_ratio=1.0))  # its prediction modules go unused
+    return ToMeViT(backbone, r, replace(backbone.config, pruning_locations=()))
+
+
 def tome_from_weights(weights: dict[str, torch.Tensor], r: int | Sequence[int] = 0, model_name: str | None = None,
                       config: DynamicViTConfig | None = None, source: str = "checkpoint") -> tuple[ToMeViT, list[str]]:
     """A ToMe model from a timm ViT/DeiT state dict (a DynamicViT's prediction modules are ignored), and notes.
@@ -345,18 +353,16 @@ def tome_from_weights(weights: dict[str, torch.Tensor], r: int | Sequence[int] =
             config = config_for(model_name, None, None, **sizes)
         else:
             config = inferred
+            if "num_heads" in config.backbone_kwargs:
+                notes.append(f"architecture read from weights; head count assumed width/{DEIT_HEAD_DIM} = "
+                             f"{config.backbone_kwargs['num_heads']} (pass --model if that is wrong)")
+    model = build_tome(config, r)
     try:
-        backbone = timm.create_model(timm_backbone_name(config.backbone), pretrained=False, **config.backbone_kwargs)
-    except (TypeError, AssertionError, RuntimeError) as exc:
-        raise UnknownModel(f"cannot build {config.backbone} with {config.backbone_kwargs}: {exc}") from None
-    if not isinstance(backbone, VisionTransformer):
-        raise UnknownModel(f"ToMe needs a timm VisionTransformer, {config.backbone} is a {type(backbone).__name__}")
-    try:
-        backbone.load_state_dict(weights, strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{source} does not match {config.backbone}: {reason}") from None
-    return ToMeViT(backbone, r, DynamicViTConfig(config.backbone, dict(config.backbone_kwargs), (), 1.0, config.family)), notes
+    return model, notes
 
 
 def load_tome(path: str | os.PathLike, r: int | Sequence[int] = 0, model_name: str | None = None) -> tuple[ToMeViT, list[str]]:
@@ -371,15 +377,4 @@ def load_tome(path: str | os.PathLike, r: int | Sequence[int] = 0, model_name: s
 
 def create_tome(model_name: str, r: int | Sequence[int] = 0, **overrides) -> ToMeViT:
     """A ToMe model with random weights: a registered variant or a timm ViT name (``--model`` without weights)."""
-    config = config_for(model_name, None, None, **overrides)
-    backbone = timm.create_model(timm_backbone_name(config.backbone), pretrained=False, **config.backbone_kwargs)
-    if not isinstance(backbone, VisionTransformer):
-        raise UnknownModel(f"ToMe needs a timm VisionTransformer, {model_name} is a {type(backbone).__name__}")
-    return ToMeViT(backbone, r, DynamicViTConfig(config.backbone, dict(config.backbone_kwargs), (), 1.0, config.family)).eval()
-
-
-def with_schedule(model: ToMeViT, r: int | Sequence[int]) -> ToMeViT:
-    """A copy of ``model`` (sharing nothing) run at another r."""
-    other = copy.deepcopy(model)
-    other.r_schedule = r
-    return other
+    return build_tome(config_for(model_name, None, None, **overrides), r).eval()

@@ -276,3 +276,45 @@ def test_onnx_runtime_deit_s_agrees_with_the_reference_tome(golden):
     assert np.abs(outputs[0] - golden["deit_small_patch16_224/r16/logits"]).max() <= PARITY_TOLERANCE
     groups = final_groups(outputs[1:], tome.token_counts(197, (16,) * 12))
     assert np.array_equal(groups, golden["deit_small_patch16_224/r16/final_group"].astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_load_tome_reads_deit_style_checkpoints_and_refuses_mismatches(tmp_path):
+    import timm
+
+    from compress.errors import CheckpointError
+
+    # Weights do not record the head count: read from weights it is DeiT's width / 64 (here 2, as built).
+    backbone = timm.create_model("vit_small_patch16_224", pretrained=False, **{**TINY, "embed_dim": 128}).eval()
+    weights = backbone.state_dict()
+    torch.save({"model": {"module." + k: v for k, v in weights.items()}}, tmp_path / "wrapped.pth")
+    torch.save(weights, tmp_path / "bare.pth")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = backbone(images)
+    for name in ("wrapped.pth", "bare.pth"):
+        model, notes = tome.load_tome(tmp_path / name, 0, model_name=None)
+        assert any("head count assumed width/64 = 2" in note for note in notes)
+        with torch.no_grad():
+            assert (model(images) - expected).abs().max() <= 1e-5  # r 0 is the backbone itself
+        assert model.embed_dim == 128 and len(model.blocks) == 4 and model.num_classes == 10
+    merged, _ = tome.load_tome(tmp_path / "bare.pth", [4, 4, 2, 0])
+    assert merged.token_counts() == [65, 61, 57, 55, 55]
+    del weights["blocks.3.mlp.fc2.bias"]
+    torch.save(weights, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match="blocks.3.mlp.fc2.bias"):
+        tome.load_tome(tmp_path / "broken.pth")
+    with pytest.raises(tome.ToMeError, match="at most 32"):
+        tome.load_tome(tmp_path / "bare.pth", 40)
+
+
+def test_the_demo_dynamicvit_checkpoint_runs_as_a_tome_model():
+    from compress.demo import demo_checkpoint_path
+
+    model, notes = tome.load_tome(demo_checkpoint_path(), 16)
+    assert any("prediction-module" in note for note in notes)
+    assert model.token_counts() == [65, 49, 33, 17, 9, 5, 3]
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
