@@ -31,12 +31,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Subset
 
-from compress import engine, tocom
+from compress import tocom, training
 from compress.checkpoint import load_dynamicvit
 from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, non_negative_int, number_list_argument
 from compress.data import DEMO_DATASET, DemoDigits, ShardSampler, build_datasets, build_loaders, image_folder_dataset, steps_per_epoch
 from compress.dynamicvit import DynamicViT
 from compress.errors import PipelineError
+from compress.files import prepare_output
 from compress.losses import logit_distillation_loss
 from compress.tome import ToMeViT, check_schedule_merges, load_tome
 
@@ -45,7 +46,7 @@ LR_PER_512 = 1e-3  # the reference recipe's rate, quoted per 512 images
 
 
 @dataclass
-class ToComTrainConfig:
+class ToComTrainConfig(training.OptimizerConfig):
     """Every option of a ToCom training run (stored in the plugin's metadata and OUT/results.json)."""
 
     checkpoint: str | None = None  # None: the shipped demo DynamicViT
@@ -67,13 +68,8 @@ class ToComTrainConfig:
     select_by: str = "top1"
     eval_keeps: tuple[float, ...] | None = None  # None: every grid keep ratio but the training one
     final_eval: bool = True
-    epochs: int = 10
+    epochs: int = 10  # the reference recipe's length (the other optimiser defaults are shared)
     warmup_epochs: float = 1.0
-    batch_size: int = 64
-    lr: float | None = None
-    min_lr: float = 1e-6
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
     seed: int = 0
     workers: int = 0
     device: str | None = None
@@ -156,13 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: measure)")
 
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    opt.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up length")
-    opt.add_argument("--batch-size", "-b", type=int, default=d.batch_size, help="images per process and step")
-    opt.add_argument("--lr", type=float, default=None, help=f"peak rate (default: {LR_PER_512:g} x global batch / 512)")
-    opt.add_argument("--min-lr", type=float, default=d.min_lr, help="final rate of the cosine schedule")
-    opt.add_argument("--warmup-lr", type=float, default=d.warmup_lr, help="rate at the first step")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    training.add_optimizer_arguments(opt, d, f"{LR_PER_512:g} x global batch / 512")
 
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=d.seed, help="seed of the plugin's initialisation, the pairs and the data order")
@@ -194,7 +184,7 @@ def _validate(cfg: ToComTrainConfig) -> None:
         tocom.check_scale(scale)
 
 
-def load_frozen_model(cfg: ToComTrainConfig, env: engine.DistEnv) -> tuple[DynamicViT | ToMeViT, str]:
+def load_frozen_model(cfg: ToComTrainConfig, env: training.DistEnv) -> tuple[DynamicViT | ToMeViT, str]:
     """The DynamicViT (or, with ``tome``, the checkpoint's backbone as a ToMe model at ``train_r``), every
     parameter frozen, in eval mode (the inference forward), on the run's device."""
     path = cfg.checkpoint
@@ -271,6 +261,22 @@ class StudentForward(nn.Module):
         return inference(self.model, images)
 
 
+class PluginDistillation:
+    """ToCom's objective: each step draws a transition (m, n), m != n, from the grid (the same on every rank, so one
+    per global batch) and distils the model at m into the model at n plus ToCom(m -> n). The loss is the KL."""
+
+    divergence_hint = "lower --lr"
+
+    def __init__(self, model: DynamicViT | ToMeViT, plugin: tocom.TokenCompensator, student: nn.Module,
+                 grid: Sequence[float], pairs: torch.Generator, scale: float):
+        self.model, self.plugin, self.student = model, plugin, student
+        self.grid, self.pairs, self.scale = grid, pairs, scale
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        source, target = tocom.draw_transition(self.grid, self.pairs)
+        return distillation_step(self.model, self.plugin, self.student, images, source, target, self.scale), {}
+
+
 def distillation_step(model: DynamicViT | ToMeViT, plugin: tocom.TokenCompensator, student: nn.Module,
                       images: torch.Tensor, source_keep: float, target_keep: float, scale: float) -> torch.Tensor:
     """KL(model at ``source_keep`` || model at ``target_keep`` + ToCom(source -> target)); the loss to minimise.
@@ -287,7 +293,7 @@ def distillation_step(model: DynamicViT | ToMeViT, plugin: tocom.TokenCompensato
 
 @torch.no_grad()
 def measure(model: DynamicViT | ToMeViT, plugin: tocom.TokenCompensator | None, loader, source_keep: float, target_keep: float,
-            scale: float, env: engine.DistEnv, amp_dtype: torch.dtype | None = None) -> dict:
+            scale: float, env: training.DistEnv, amp_dtype: torch.dtype | None = None) -> dict:
     """Top-1 (percent) at ``target_keep`` with ToCom(source -> target) at ``scale`` (no plugin / s = 0: none),
     and the mean KL to the model at ``source_keep``, over every image of ``loader`` (all ranks)."""
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # correct, KL sum, images
@@ -307,15 +313,15 @@ def measure(model: DynamicViT | ToMeViT, plugin: tocom.TokenCompensator | None, 
         sums[0] += (logits.argmax(dim=1) == labels).sum()
         sums[1] += logit_distillation_loss(logits, reference) * labels.numel()
         sums[2] += labels.numel()
-    engine.all_reduce_sum(sums, env)
+    training.all_reduce_sum(sums, env)
     total = max(float(sums[2]), 1.0)
     return {"top1": 100.0 * float(sums[0]) / total, "kl": float(sums[1]) / total}
 
 
-def top1_at(model: DynamicViT | ToMeViT, loader, degree: float, env: engine.DistEnv, amp_dtype: torch.dtype | None) -> float:
+def top1_at(model: DynamicViT | ToMeViT, loader, degree: float, env: training.DistEnv, amp_dtype: torch.dtype | None) -> float:
     """Top-1 (percent) of the deployed forward at ``degree``; the model's degree is restored afterwards."""
     if not isinstance(model, ToMeViT):
-        return engine.evaluate(model, loader, degree, env, amp_dtype)["top1"]
+        return training.evaluate(model, loader, degree, env, amp_dtype)["top1"]
     previous = model.r_schedule
     top1 = measure(model, None, loader, degree, degree, 0.0, env, amp_dtype)["top1"]
     model.r_schedule = previous
@@ -336,31 +342,25 @@ def choose_scale(rows: list[dict], candidates: Sequence[float], select_by: str =
     return min(candidates, key=summary)
 
 
-def _amp_dtype(cfg: ToComTrainConfig, device: torch.device) -> torch.dtype | None:
-    if not cfg.amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 # ----------------------------------------------------------------------------- the run
 
 
 def train(cfg: ToComTrainConfig, argv: Sequence[str] | None = None) -> ToComTrainResult:
     """Train, choose the scale, save, measure; every rank calls this, the main rank writes files."""
     _validate(cfg)
-    env = engine.init_distributed(cfg.device)
+    env = training.init_distributed(cfg.device)
     try:
         return _train(cfg, env, argv)
     finally:
-        engine.shutdown_distributed()
+        training.shutdown_distributed()
 
 
-def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | None) -> ToComTrainResult:
-    out = engine.prepare_output(cfg.out) if env.is_main else Path(cfg.out)
+def _train(cfg: ToComTrainConfig, env: training.DistEnv, argv: Sequence[str] | None) -> ToComTrainResult:
+    out = prepare_output(cfg.out) if env.is_main else Path(cfg.out)
     plugin_path = Path(cfg.plugin) if cfg.plugin else out / PLUGIN_NAME
     if env.is_main and cfg.plugin:
-        engine.prepare_output(plugin_path.parent)
-    engine.barrier(env)
+        prepare_output(plugin_path.parent)
+    training.barrier(env)
     model, checkpoint = load_frozen_model(cfg, env)
     rho_train = training_degree(model)
     kind = tocom.degree_kind(model)
@@ -395,22 +395,16 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
     for warning in tocom.check_plugin_matches(plugin, model):
         print(f"warning: {warning}", file=sys.stderr)
     attached = tocom.attach(model, plugin)
-    student = StudentForward(model, plugin)
-    if env.distributed:
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
-        student = nn.parallel.DistributedDataParallel(student, device_ids=device_ids)
+    student = training.wrap_distributed(StudentForward(model, plugin), env)
 
     global_batch = cfg.batch_size * env.world_size
-    base_lr = cfg.lr if cfg.lr is not None else LR_PER_512 * global_batch / 512
-    optimizer = torch.optim.AdamW([{"params": list(plugin.parameters()), "weight_decay": cfg.weight_decay}],
-                                  lr=base_lr, weight_decay=cfg.weight_decay)
+    base_lr = cfg.peak_lr(global_batch, LR_PER_512, 512)
+    optimizer = cfg.adamw([{"params": list(plugin.parameters()), "weight_decay": cfg.weight_decay}], base_lr)
     per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, env.world_size)
-    total_steps = per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * per_epoch))
-    amp_dtype = _amp_dtype(cfg, env.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    amp_dtype = training.amp_dtype(cfg.amp, env.device)
     pairs = torch.Generator().manual_seed(cfg.seed)  # same pair on every rank: one transition per global batch
-    log = engine.JsonLinesLog(out / LOG_NAME, enabled=env.is_main)
+    objective = PluginDistillation(model, plugin, student, grid, pairs, cfg.train_scale)
+    log = training.JsonLinesLog(out / LOG_NAME, enabled=env.is_main)
     if env.is_main:
         print(f"tocom: {model.config.backbone} width {model.embed_dim} depth {len(model.blocks)} trained at "
               f"{tocom.DEGREE_NAMES[kind]} {rho_train} "
@@ -420,33 +414,15 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
 
     history, step = [], 0
     plugin.train()
-    for epoch in range(cfg.epochs):
-        started = time.time()
-        train_loader.sampler.set_epoch(epoch)
-        sums = torch.zeros(2, dtype=torch.float64)
-        lr = base_lr
-        for images, _ in engine.progress_bar(train_loader, len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}", env.is_main):
-            lr = engine.scheduled_lr(step, base_lr, cfg.min_lr, warmup_steps, total_steps, cfg.warmup_lr)
-            engine.apply_lr(optimizer, lr, epoch)
-            images = images.to(env.device, non_blocking=True)
-            source_keep, target_keep = tocom.draw_transition(grid, pairs)
-            with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = distillation_step(model, plugin, student, images, source_keep, target_keep, cfg.train_scale)
-            if not torch.isfinite(loss):
-                raise PipelineError(f"ToCom loss became {float(loss)} at step {step}: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            sums += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
-        sums = engine.all_reduce_sum(sums.to(env.device), env).cpu()
-        record = {"epoch": epoch + 1, "step": step, "lr": lr, "train_kl": float(sums[0]) / max(float(sums[1]), 1.0),
-                  "seconds": round(time.time() - started, 2)}
+    for summary in training.fit(objective, optimizer, train_loader, cfg.schedule(base_lr, per_epoch), env,
+                                amp=amp_dtype, scaler=training.grad_scaler(amp_dtype)):
+        step = summary.step
+        record = {"epoch": summary.epoch, "step": step, "lr": summary.lr, "train_kl": summary.means["loss"],
+                  "seconds": round(time.time() - summary.started, 2)}
         history.append(record)
         log.write(record)
         if env.is_main:
-            print(f"epoch {epoch + 1}/{cfg.epochs} step {step} KL {record['train_kl']:.5f} [{record['seconds']:.1f}s]",
+            print(f"epoch {summary.epoch}/{cfg.epochs} step {step} KL {record['train_kl']:.5f} [{record['seconds']:.1f}s]",
                   file=sys.stderr)
     plugin.eval()
     set_degree(model, rho_train)
@@ -469,7 +445,7 @@ def _train(cfg: ToComTrainConfig, env: engine.DistEnv, argv: Sequence[str] | Non
     attached.remove()
     if env.is_main:
         tocom.save_plugin(plugin, plugin_path)
-    engine.barrier(env)
+    training.barrier(env)
 
     # The eval split: without ToCom, and with the saved plugin merged into a copy of the weights (export's path).
     evaluation = []

@@ -1,31 +1,23 @@
 """ToCom training under torchrun: two CPU processes (gloo on 127.0.0.1) end with the same plugin."""
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import torch
 
 from compress import create_dynamicvit, tocom
 from compress.checkpoint import save_dynamicvit
 
-RANK_SCRIPT = textwrap.dedent(
-    """
+RANK_SCRIPT = """
     import os, sys
     import torch
     from compress.tocom_train import ToComTrainConfig, train
 
-    out = sys.argv[2]
-    result = train(ToComTrainConfig(checkpoint=sys.argv[1], out=out, epochs=1, batch_size=16, limit_train=80,
+    out = sys.argv[1]
+    result = train(ToComTrainConfig(checkpoint=sys.argv[2], out=out, epochs=1, batch_size=16, limit_train=80,
                                     limit_eval=32, lr=3e-3, warmup_epochs=0.5, device="cpu", eval_keeps=(0.9, 0.5),
                                     scales=(0.1,)))
     torch.save({"step": result.steps, "plugin": result.plugin.state_dict()}, f"{out}/rank{os.environ['RANK']}.pt")
-    """
-)
+"""
 
 
-def test_tocom_training_ddp_two_cpu_processes_end_with_identical_plugins(tmp_path):
+def test_tocom_training_ddp_two_cpu_processes_end_with_identical_plugins(tmp_path, torchrun):
     torch.manual_seed(0)
     model = create_dynamicvit("vit_small_patch16_224", 0.7, None, img_size=64, patch_size=8, embed_dim=32, depth=4,
                               num_heads=2, num_classes=10)
@@ -33,17 +25,7 @@ def test_tocom_training_ddp_two_cpu_processes_end_with_identical_plugins(tmp_pat
         model.head.weight.mul_(30.0)
     checkpoint = tmp_path / "dvit.pth"
     save_dynamicvit(model, checkpoint)
-    script = tmp_path / "rank_main.py"
-    script.write_text(RANK_SCRIPT)
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               str(checkpoint), str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rank0 = torch.load(out / "rank0.pt", weights_only=True)
-    rank1 = torch.load(out / "rank1.pt", weights_only=True)
+    out, (rank0, rank1) = torchrun(RANK_SCRIPT, checkpoint)
     assert rank0["step"] == rank1["step"] == 2  # 64 training images (16 held out) / 2 ranks / 16 per step
     for name, value in rank0["plugin"].items():
         assert torch.equal(value, rank1["plugin"][name]), name
