@@ -33,8 +33,10 @@ from torch.utils.data import DataLoader, Subset
 
 from compress import tocom, training
 from compress.checkpoint import load_dynamicvit
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, non_negative_int, number_list_argument
+from compress.cli import (HelpFormatter, add_version_argument, exit_codes_epilog, non_negative_int, number_list_argument,
+                          run_cli)
 from compress.data import DEMO_DATASET, DemoDigits, ShardSampler, build_datasets, build_loaders, image_folder_dataset, steps_per_epoch
+from compress.demo import demo_checkpoint_path
 from compress.dynamicvit import DynamicViT
 from compress.errors import PipelineError
 from compress.files import prepare_output
@@ -189,8 +191,6 @@ def load_frozen_model(cfg: ToComTrainConfig, env: training.DistEnv) -> tuple[Dyn
     parameter frozen, in eval mode (the inference forward), on the run's device."""
     path = cfg.checkpoint
     if path is None:
-        from compress.demo import demo_checkpoint_path
-
         path = str(demo_checkpoint_path())
         if not Path(path).is_file():
             raise PipelineError(f"no --checkpoint given and the demo model {path} does not exist yet "
@@ -499,6 +499,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from compress.cli import run_cli
-
     raise SystemExit(run_cli(main))
