@@ -245,7 +245,9 @@ def sweep(subject: ExportSubject, keeps: Sequence[float], images: np.ndarray, la
           args: argparse.Namespace, calibration: np.ndarray | None) -> list[SweepRow]:
     rows, dense_logits = [], None
     variants = ["plain"] + (["tocom"] if args.tocom else [])
-    for keep in keeps:
+    for step, keep in enumerate(keeps, 1):
+        # progress only: the figures are printed once, in the table
+        print(f"[{step}/{len(keeps)}] keep {keep:g}: export, evaluate, time", file=sys.stderr, flush=True)
         method = DynamicViTExport(keep)
         tokens, macs_g = method.describe(subject.model)["kept_per_stage"], method.macs(subject.model) / 1e9
         latency = None
@@ -266,8 +268,6 @@ def sweep(subject: ExportSubject, keeps: Sequence[float], images: np.ndarray, la
             if latency is None:  # ToCom is merged into the weights: the same graph cost
                 latency = measure_latency(graph, args.backend, args.batch_size, args.threads, args.warmup, args.iterations)
             row.latency_ms, row.latency_p90_ms = latency["median_ms"], latency["p90_ms"]
-            shown = "-" if row.accuracy is None else f"{row.accuracy:.3f}"
-            print(f"  keep {keep:g} {variant}: {shown} at {row.latency_ms:.3f} ms", file=sys.stderr, flush=True)
     mark_pareto(rows)
     return rows
 

@@ -178,7 +178,7 @@ def test_sweep_refuses_an_unwritable_output_before_measuring(tmp_path):
     blocker.write_text("not a folder")
     result = run("export.sweep", "--keeps", "0.7", "-n", "2", "--out", blocker / "sweeps")
     assert_user_error(result, "not writable")
-    assert "keep 0.7" not in result.stderr  # nothing was measured
+    assert "[1/1] keep 0.7" not in result.stderr  # nothing was measured
 
 
 @pytest.mark.parametrize("flags, message", [
