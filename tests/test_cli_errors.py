@@ -1,12 +1,11 @@
 """Bad input and rough edges of the command-line tools: one `error:` line and exit 2, checked before any work;
-exit 130 on Ctrl-C; --version and an exit-code table on every CLI; the layering the packages keep.
+exit 130 on Ctrl-C; --version and an exit-code table on every CLI (the layering is tests/test_architecture.py's).
 
 Exit codes are checked through the real CLI in a subprocess; argparse bounds and help texts in process (argparse
 exits through SystemExit with the code the process would return).
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import importlib
 import importlib.metadata
@@ -310,27 +309,3 @@ def test_ctrl_c_during_plugin_validation_exits_130_and_leaves_nothing(tmp_path, 
     assert process.returncode == EXIT_INTERRUPTED, stderr[-2000:]
     assert "terminate called" not in stderr and "Traceback" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging folder, no half-written --out
-
-
-# ----------------------------------------------------------------------------- layering (issue 11)
-
-
-def imported_packages(package: str) -> dict[str, set[str]]:
-    """For every module of ``package``: the top-level packages it imports (any import statement, any depth)."""
-    found = {}
-    for path in sorted((REPO / package).rglob("*.py")):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        found[str(path.relative_to(REPO))] = names
-    return found
-
-
-@pytest.mark.parametrize("package, forbidden", [("compress", {"calibration", "export"}), ("calibration", {"export"})])
-def test_no_upward_imports(package, forbidden):
-    upward = {module: sorted(names & forbidden) for module, names in imported_packages(package).items()
-              if names & forbidden}
-    assert upward == {}, upward
