@@ -93,7 +93,7 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-# ----------------------------------------------------------------------------- compress.describe (issue 13: 4, 5)
+# ----------------------------------------------------------------------------- compress.describe
 
 
 def test_describe_names_what_is_supported_for_a_non_vit_architecture():
@@ -113,7 +113,7 @@ def test_standard_library_inspect_is_not_shadowed():
     assert hasattr(inspect, "signature") and not (REPO / "compress" / "inspect.py").exists()
 
 
-# ----------------------------------------------------------------------------- compress.visualize (issue 13: 7)
+# ----------------------------------------------------------------------------- compress.visualize
 
 
 def test_visualize_draws_a_32px_model_from_an_image_folder(tmp_path, model_32px, image_folder):
@@ -146,7 +146,7 @@ def test_visualize_refuses_bad_input_in_one_line(tmp_path, model_32px):
     assert not (tmp_path / "x.png").exists()
 
 
-# ----------------------------------------------------------------------------- image sources (issue 13: 8)
+# ----------------------------------------------------------------------------- image sources
 
 
 def test_check_image_source_refuses_unusable_sources_in_one_line(tmp_path, image_folder):
@@ -169,7 +169,7 @@ def test_check_image_source_refuses_unusable_sources_in_one_line(tmp_path, image
         assert check_image_source(usable) is None
 
 
-# ----------------------------------------------------------------------------- export.sweep (issue 13: 6, 9)
+# ----------------------------------------------------------------------------- export.sweep
 
 
 def test_sweep_refuses_an_unwritable_output_before_measuring(tmp_path):
@@ -224,7 +224,7 @@ def test_every_cli_has_version_and_documents_its_exit_codes(module):
     assert caught.value.code == 0 and stdout.getvalue().strip().endswith(VERSION)
     help_text = parser.format_help()
     assert "exit codes:" in help_text and "  2 " in help_text and "  130 " in help_text
-    assert "SPEC" not in help_text
+    assert "SPEC" not in help_text  # help states facts or cites papers, never a document outside the repository
 
 
 def test_training_ends_by_printing_where_its_checkpoint_went(tmp_path):
@@ -235,7 +235,7 @@ def test_training_ends_by_printing_where_its_checkpoint_went(tmp_path):
     assert (tmp_path / "run" / "model.pth").is_file()
 
 
-# ----------------------------------------------------------------------------- Ctrl-C (issue 13: 2)
+# ----------------------------------------------------------------------------- Ctrl-C
 
 # A process that runs a TokenGather session (the Python custom op) in a loop under run_cli, as validation does.
 PLUGIN_LOOP = """
