@@ -321,7 +321,7 @@ def fit(objective: Objective, optimizer: torch.optim.Optimizer, loader, schedule
             with autocast(env.device, amp):
                 loss, terms = objective(images, labels)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {float(loss)} at step {step} (epoch {epoch + 1}): "
+                raise TrainingDiverged(f"loss became {float(loss.detach())} at step {step} (epoch {epoch + 1}): "
                                        f"{objective.divergence_hint}")
             optimizer_step(loss, optimizer, scaler, model, clip_grad)
             if ema is not None:

@@ -32,6 +32,7 @@ def torchrun(tmp_path):
         path = tmp_path / "rank_main.py"
         path.write_text(textwrap.dedent(script))
         out = tmp_path / "torchrun_out"
+        out.mkdir(exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(path),

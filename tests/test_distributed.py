@@ -32,3 +32,22 @@ def test_dynamicvit_ddp_two_cpu_processes_end_with_identical_weights(torchrun):
 def test_masked_ft_ddp_two_cpu_processes_end_with_identical_weights(torchrun):
     """Prediction modules take no part in masked/dense training: DDP must not wait for their gradients."""
     _assert_same(*torchrun(RANK_SCRIPT, "masked")[1])
+
+
+REDUCE_SCRIPT = """
+    import sys
+    import torch
+    from compress.training import all_reduce_named, init_distributed, shutdown_distributed
+
+    env = init_distributed("cpu")
+    terms = {"loss": 1.0 + env.rank, "kl": 10.0 * (env.rank + 1)}
+    if env.rank == 1:
+        terms = dict(reversed(terms.items()))  # another order on each rank: matched by name, not position
+    torch.save(all_reduce_named(terms, env), f"{sys.argv[1]}/rank{env.rank}.pt")
+    shutdown_distributed()
+"""
+
+
+def test_named_terms_are_summed_over_ranks_by_name(torchrun):
+    _, reduced = torchrun(REDUCE_SCRIPT)
+    assert reduced == [{"kl": 30.0, "loss": 3.0}] * 2

@@ -1,14 +1,16 @@
-"""Training: loss terms, schedule, parameter groups, a few real steps, resume, error messages."""
+"""Training: loss terms, schedule, the loop, parameter groups, models from the registry, a few real steps, resume,
+error messages."""
 import copy
 import math
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from compress import create_dynamicvit
 from compress.checkpoint import load_dynamicvit
 from compress.cli import run_cli
-from compress.data import DemoDigits
+from compress.data import DemoDigits, build_loaders
 from compress.losses import (
     LossWeights,
     dynamicvit_loss,
@@ -17,8 +19,18 @@ from compress.losses import (
     stage_targets,
     token_distillation_loss,
 )
-from compress.train import TrainConfig, dynamicvit_param_groups, main, train
-from compress.training import apply_lr, read_json_lines, scheduled_lr
+from compress.models import model_from_config, variant
+from compress.tocom_train import ToComTrainConfig
+from compress.train import TrainConfig, dynamicvit_param_groups, main, new_model_config, train
+from compress.training import (
+    DistEnv,
+    OptimizerConfig,
+    TrainingDiverged,
+    apply_lr,
+    fit,
+    read_json_lines,
+    scheduled_lr,
+)
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 TINY_FLAGS = ["--embed-dim", "32", "--depth", "4", "--num-heads", "2"]
@@ -104,6 +116,95 @@ def test_recipe_parameter_groups():
     apply_lr(optimizer, 1e-3, epoch=2)
     assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone"] == pytest.approx(1e-5)
     assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if all(p.ndim <= 1 for p in g["params"]))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class LinearRegression:
+    """A real objective on seeded data: the squared error of a linear model, with two named terms to check
+    how ``fit`` averages them (it records every loss it returns)."""
+
+    divergence_hint = "lower the rate"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.losses = model, []
+
+    def __call__(self, inputs, targets):
+        loss = (self.model(inputs).squeeze(1) - targets).pow(2).mean()
+        self.losses.append(float(loss.detach()))
+        return loss, {"half": self.losses[-1] / 2, "one": 1.0}
+
+
+def regression_run(epochs=3, lr=0.3):
+    """(objective, optimizer, loader, schedule) of a linear fit: 64 seeded points, 8 batches of 8 per epoch."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 4, generator=generator)
+    targets = inputs @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    loader, _ = build_loaders(TensorDataset(inputs, targets), TensorDataset(inputs, targets), batch_size=8)
+    model = torch.nn.Linear(4, 1)
+    config = OptimizerConfig(epochs=epochs, warmup_epochs=0.5, lr=lr, weight_decay=0.0)
+    schedule = config.schedule(config.peak_lr(8, 1e-3, 1024), len(loader))
+    return LinearRegression(model), config.adamw([{"params": list(model.parameters())}], schedule.base_lr), loader, schedule
+
+
+def test_fit_yields_per_batch_means_of_the_named_terms_every_epoch_and_learns():
+    objective, optimizer, loader, schedule = regression_run()
+    summaries = list(fit(objective, optimizer, loader, schedule, DistEnv()))
+    assert [(s.epoch, s.step) for s in summaries] == [(1, 8), (2, 16), (3, 24)]
+    for epoch, summary in enumerate(summaries):
+        losses = objective.losses[8 * epoch:8 * (epoch + 1)]
+        assert set(summary.means) == {"loss", "half", "one"} and summary.means["one"] == 1.0
+        assert summary.means["loss"] == pytest.approx(sum(losses) / 8, rel=1e-12)
+        assert summary.means["half"] == pytest.approx(summary.means["loss"] / 2, rel=1e-12)
+    assert summaries[-1].lr == pytest.approx(schedule.lr(23)) and optimizer.param_groups[0]["lr"] == summaries[-1].lr
+    assert summaries[-1].means["loss"] < 0.1 * summaries[0].means["loss"], [s.means["loss"] for s in summaries]
+
+
+def test_fit_stops_when_the_caller_leaves_and_continues_from_a_step():
+    objective, optimizer, loader, schedule = regression_run()
+    for summary in fit(objective, optimizer, loader, schedule, DistEnv()):
+        break
+    assert summary.epoch == 1 and len(objective.losses) == 8
+    rest = list(fit(objective, optimizer, loader, schedule, DistEnv(), start_epoch=1, start_step=8))
+    assert [(s.epoch, s.step) for s in rest] == [(2, 16), (3, 24)] and len(objective.losses) == 24
+
+
+def test_fit_refuses_a_loss_that_is_not_finite():
+    _, optimizer, loader, schedule = regression_run()
+
+    class Diverging:
+        divergence_hint = "lower the rate"
+
+        def __call__(self, inputs, targets):
+            return optimizer.param_groups[0]["params"][0].sum() * float("nan"), {}
+
+    with pytest.raises(TrainingDiverged, match=r"^loss became nan at step 0 \(epoch 1\): lower the rate$"):
+        next(fit(Diverging(), optimizer, loader, schedule, DistEnv()))
+
+
+def test_one_optimiser_config_scales_the_rate_and_builds_the_schedule():
+    config = OptimizerConfig(epochs=3, warmup_epochs=0.5)
+    assert config.peak_lr(256, 1e-3, 1024) == pytest.approx(2.5e-4) and OptimizerConfig(lr=0.1).peak_lr(256, 1e-3, 1024) == 0.1
+    schedule = config.schedule(1e-3, steps_per_epoch=6)
+    assert (schedule.warmup_steps, schedule.total_steps, schedule.epochs) == (3, 18, 3)
+    assert schedule.lr(3) == pytest.approx(1e-3) and schedule.lr(18) == pytest.approx(1e-6)
+    assert isinstance(TrainConfig(), OptimizerConfig) and isinstance(ToComTrainConfig(), OptimizerConfig)
+    assert (TrainConfig().epochs, TrainConfig().warmup_epochs) == (30, 5.0)  # the DynamicViT recipe
+    assert (ToComTrainConfig().epochs, ToComTrainConfig().warmup_epochs) == (10, 1.0)  # the ToCom recipe
+
+
+# ----------------------------------------------------------------------------- models from the registry
+
+
+def test_models_come_from_the_registry_and_a_changed_depth_gets_the_family_spacing():
+    demo = new_model_config(TrainConfig(), num_classes=10, image_size=64)
+    assert demo.pruning_locations == variant("demo-vit").pruning_locations == (1, 3, 5)
+    assert demo.backbone_kwargs["embed_dim"] == 64 and demo.keep_ratio == TrainConfig().keep_ratio
+    deeper = model_from_config(new_model_config(TrainConfig(depth=8), 10, 64))
+    assert len(deeper.blocks) == 8 and deeper.config.pruning_locations == (2, 4, 6)
+    assert new_model_config(TrainConfig(depth=8, pruning_locations=(1, 2, 3)), 10, 64).pruning_locations == (1, 2, 3)
+    assert new_model_config(TrainConfig(mode="dense"), 10, 64).keep_ratio == 1.0
 
 
 # ----------------------------------------------------------------------------- real steps
