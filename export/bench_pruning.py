@@ -23,9 +23,17 @@ from typing import Sequence
 import onnxruntime as ort
 import torch
 
-from compress.cli import run_cli
+from compress.cli import (
+    add_version_argument,
+    keep_ratio_argument,
+    non_negative_int,
+    parser_from_docstring,
+    positive_int,
+    run_cli,
+)
 from compress.complexity import analytic_macs, vit_shape
 from compress.dynamicvit import create_dynamicvit
+from compress.files import atomic_write, prepare_output
 from export.deploy import deploy_copy
 from export.onnx_export import export_onnx
 
@@ -55,22 +63,30 @@ def run_eager(model, images: torch.Tensor) -> None:
         model.forward_pruned(images)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.bench_pruning", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = add_version_argument(parser_from_docstring("python -m export.bench_pruning", __doc__))
     parser.add_argument("--model", default="dynamicvit_deit_small", help="architecture (default: dynamicvit_deit_small)")
-    parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5],
-                        help="keep ratios to compare with dense (default: 0.9 0.8 0.7 0.6 0.5)")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per case; the median is kept (default: 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default: 3)")
-    parser.add_argument("--threads", type=int, default=0, help="threads for both frameworks, 0 = all cores (default: 0)")
+    parser.add_argument("--keep", type=keep_ratio_argument, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5],
+                        help="keep ratios in (0, 1] to compare with dense (default: 0.9 0.8 0.7 0.6 0.5)")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--repeats", type=positive_int, default=20,
+                        help="timed runs per case; the median is kept (default: 20)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed runs first (default: 3)")
+    parser.add_argument("--threads", type=non_negative_int, default=0,
+                        help="threads for both frameworks, 0 = all cores (default: 0)")
     parser.add_argument("--frameworks", nargs="+", choices=("pytorch", "onnxruntime"), default=["pytorch", "onnxruntime"],
                         help="what to time (default: both)")
     parser.add_argument("--csv", type=Path, default=None,
                         help="results file (default: bench_pruning_<model>_<cpu count>cpu_torch<version>.csv)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    path = args.csv or Path(f"bench_pruning_{args.model}_{torch.get_num_threads()}cpu_torch{torch.__version__.split('+')[0]}.csv")
+    prepare_output(path.parent)  # an unwritable results file is refused before the timing, not after it
     torch.manual_seed(0)
     model = create_dynamicvit(args.model, keep_ratio=0.7).eval()
     shape = vit_shape(model)
@@ -107,11 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("  ".join(f"{h:>16}" for h in header))
     for row in rows:
         print("  ".join(f"{row[h]:>16.3f}" if isinstance(row[h], float) else f"{row[h]:>16}" for h in header))
-    path = args.csv or Path(f"bench_pruning_{args.model}_{torch.get_num_threads()}cpu_torch{torch.__version__.split('+')[0]}.csv")
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header)
-        writer.writeheader()
-        writer.writerows({h: row[h] for h in header} for row in rows)
+
+    def write_csv(temporary: str) -> None:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows({h: row[h] for h in header} for row in rows)
+
+    atomic_write(path, write_csv)
     print(f"written {path}")
     return 0
 

@@ -31,7 +31,7 @@ from compress.images import ImageSourceError, check_image_source
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = importlib.metadata.version("vit-prune-deploy")
-OWN_CLIS = ("compress.describe", "compress.visualize", "export.sweep")
+OWN_CLIS = ("compress.describe", "compress.visualize", "export.sweep", "export.bench_pruning")
 TRAINING_CLIS = ("compress.train", "compress.masked_ft", "compress.tocom_train", "compress.demo")
 TINY_32PX = dict(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=10,
                  pruning_locations=(1, 3, 5))
