@@ -41,8 +41,8 @@ from compress.dynamicvit import DynamicViTBase
 from compress.errors import PipelineError
 from compress.files import current_umask
 from compress.models import create_model
-from compress.token_select import keep_counts
-from compress.tocom import merge_plugin_file
+from compress.tocom import merge_plugin_file, merge_tome_plugin_file
+from compress.tome import MERGE_FLAVOURS, create_tome, load_tome
 from export.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
 from export.engine import build_and_check, with_engines
 from export.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
@@ -51,6 +51,7 @@ from export.methods import DynamicViTExport
 from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
 from export.tensorrt_engine import write_trtexec
+from export.tome_export import ToMeExport
 from export.validate import shipped_vs_debug, validate_graph
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,19 @@ class ExportRequest:
     gather: str = "native"
     backend: str = "auto"
     out: Path | None = None
+    # Token merging (ToMe) instead of DynamicViT: merge r tokens per block; the checkpoint was fine-tuned at r_train.
+    tome_r: int | None = None
+    tome_r_train: int | None = None
+    tome_flavour: str = "onehot"
+
+    @property
+    def method_name(self) -> str:
+        return "tome" if self.tome_r is not None else "dynamicvit"
+
+    @property
+    def flavour(self) -> str:
+        """The graph flavour asked for: DynamicViT's token selection, or ToMe's row-merging op."""
+        return self.tome_flavour if self.tome_r is not None else self.gather
 
     @property
     def batch_profile(self) -> tuple[int, int, int]:
@@ -100,6 +114,23 @@ class ExportRequest:
     @property
     def precisions(self) -> list[str]:
         return ["fp32"] + ["fp16"] * self.fp16 + ["int8"] * self.int8
+
+    def check_method_options(self) -> None:
+        """DynamicViT's options and ToMe's do not mix; ToMe's do nothing without --tome-r."""
+        if self.tome_r is None:
+            if self.tome_r_train is not None or self.tome_flavour != "onehot":
+                raise ExportError("--tome-r-train / --tome-flavour do nothing without --tome-r (token merging)")
+            return
+        if self.keep is not None:
+            raise ExportError("--keep is DynamicViT's keep ratio; a ToMe export's degree is --tome-r")
+        if self.gather != "native":
+            raise ExportError("--gather is DynamicViT's token selection; ToMe graphs choose --tome-flavour")
+        if self.tome_flavour not in MERGE_FLAVOURS:
+            raise ExportError(f"--tome-flavour must be one of {MERGE_FLAVOURS}, got {self.tome_flavour!r}")
+        if self.tome_r < 0 or (self.tome_r_train or 0) < 0:
+            raise ExportError(f"--tome-r and --tome-r-train must be >= 0, got {self.tome_r} and {self.tome_r_train}")
+        if self.tome_r_train is not None and self.tocom is None:
+            raise ExportError("--tome-r-train does nothing without --tocom (it is the source degree of the ToCom merge)")
 
     def check(self) -> None:
         """Refuse every bad or idle option before any work (one clear line each)."""
@@ -111,6 +142,7 @@ class ExportRequest:
             raise ExportError(f"--dynamic-batch needs 1 <= MIN <= OPT <= MAX, got {self.dynamic_batch}")
         if self.gather not in SELECTION_FLAVOURS:
             raise ExportError(f"--gather must be one of {SELECTION_FLAVOURS}, got {self.gather!r}")
+        self.check_method_options()
         if self.backend not in BACKENDS:
             raise ExportError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.tocom_scale is not None and self.tocom is None:
@@ -186,6 +218,21 @@ def load_subject(checkpoint: Path | None, model_name: str | None) -> ExportSubje
     return random_subject(model_name)
 
 
+def load_tome_subject(checkpoint: Path | None, model_name: str | None, r: int) -> ExportSubject:
+    """A ToMe model at ``r`` from a timm/DeiT checkpoint (or a DynamicViT's backbone); else the demo ViT's
+    backbone with its test images; else ``model_name`` with seeded random weights."""
+    if checkpoint is not None:
+        model, notes = load_tome(checkpoint, r, model_name)
+        return ExportSubject(model, Path(checkpoint).stem, str(checkpoint), False, notes, None)
+    if model_name is None:
+        demo = demo_subject()
+        model, notes = load_tome(demo.source, r)
+        return replace(demo, model=model, label="demo-tome", notes=notes)
+    torch.manual_seed(VALIDATION_SEED)
+    return ExportSubject(create_tome(model_name, r), f"{model_name}-tome-random",
+                         f"{model_name} (random weights)", True, [], None)
+
+
 def with_tocom(subject: ExportSubject, plugin: Path, keep: float, scale: float | None) -> tuple[ExportSubject, dict]:
     """A copy of the subject with ToCom(rho_train -> keep) folded into its qkv weights; and the manifest entry."""
     if subject.rho_train is None:
@@ -197,6 +244,33 @@ def with_tocom(subject: ExportSubject, plugin: Path, keep: float, scale: float |
 
 
 # --- validation inputs ------------------------------------------------------------------------------------------
+
+
+def with_tome_tocom(subject: ExportSubject, plugin: Path, r_train: int, r: int,
+                    scale: float | None) -> tuple[ExportSubject, dict]:
+    """A copy of a ToMe subject with ToCom(r_train -> r) folded into its qkv weights; and the manifest entry."""
+    model = copy.deepcopy(subject.model)
+    entry = merge_tome_plugin_file(model, plugin, r_train, r, scale)
+    return replace(subject, model=model), entry
+
+
+def prepare(request: ExportRequest) -> tuple[ExportSubject, object, dict | None]:
+    """The subject (ToCom merged into a copy when asked), the method's export contract, the ToCom entry."""
+    if request.tome_r is not None:
+        subject = load_tome_subject(request.checkpoint, request.model, request.tome_r)
+        method, tocom = ToMeExport(request.tome_r), None
+        method.schedule(subject.model)  # an r the token count cannot merge: refused before any work
+        if request.tocom is not None:
+            subject, tocom = with_tome_tocom(subject, request.tocom, request.tome_r_train or 0, request.tome_r,
+                                             request.tocom_scale)
+        return subject, method, tocom
+    subject = load_subject(request.checkpoint, request.model)
+    keep = request.keep if request.keep is not None else subject.model.keep_ratio
+    subject.model.stage_keep_counts(keep)  # a keep that keeps no token: refused before any work
+    tocom = None
+    if request.tocom is not None:
+        subject, tocom = with_tocom(subject, request.tocom, keep, request.tocom_scale)
+    return subject, DynamicViTExport(keep), tocom
 
 
 def validation_inputs(subject: ExportSubject, request: ExportRequest) -> tuple[dict[str, torch.Tensor], dict]:
@@ -371,7 +445,8 @@ class Manifest:
     macs: int
     tocom: dict | None
     precision: list[str]
-    gather: str
+    gather: str  # the graph flavour asked for (DynamicViT: native | plugin; ToMe: onehot | scatter)
+    default_flavour: str
     input: dict
     batch: dict
     opset: int
@@ -403,9 +478,10 @@ class ExportResult:
 Progress = Callable[[str], None]
 
 
-def default_out(request: ExportRequest, label: str, keep: float) -> Path:
+def default_out(request: ExportRequest, label: str, method) -> Path:
     precision = "int8" if request.int8 else "fp16" if request.fp16 else "fp32"
-    return Path("exports") / f"{label}_keep{keep:g}_{precision}"
+    degree = f"r{request.tome_r}" if request.tome_r is not None else f"keep{method.keep_ratio:g}"
+    return Path("exports") / f"{label}_{degree}_{precision}"
 
 
 def input_shape(request: ExportRequest, image_shape: tuple[int, int, int]) -> list:
@@ -428,25 +504,26 @@ def export_graphs(method, model: DynamicViTBase, request: ExportRequest, inputs:
         graph, debug = onnx_of(flavour, precision, False), onnx_of(flavour, precision, True)
         return check_graph(graph, debug, reference, inputs, precision, role, path, flavour, batch_sizes)
 
+    base, chosen = method.flavours[0], request.flavour
     results = []
-    progress("exporting and validating the float32 ONNX (native selection)")
-    results.append(exported("native", "fp32", "onnx", "model.onnx"))
-    if request.gather != "native":
-        progress(f"exporting and validating the {request.gather}-flavour float32 ONNX")
-        results.append(exported(request.gather, "fp32", f"onnx_{request.gather}", f"model_{request.gather}.onnx"))
+    progress(f"exporting and validating the float32 ONNX ({method.name}, {base} flavour)")
+    results.append(exported(base, "fp32", "onnx", "model.onnx"))
+    if chosen != base:
+        progress(f"exporting and validating the {chosen}-flavour float32 ONNX")
+        results.append(exported(chosen, "fp32", f"onnx_{chosen}", f"model_{chosen}.onnx"))
     if request.fp16:
-        progress(f"exporting and validating the mixed float16 ONNX ({request.gather} selection)")
-        results.append(exported(request.gather, "fp16", "onnx_fp16", f"model_{request.gather}_fp16.onnx"))
+        progress(f"exporting and validating the mixed float16 ONNX ({chosen} flavour)")
+        results.append(exported(chosen, "fp16", "onnx_fp16", f"model_{chosen}_fp16.onnx"))
     if request.int8:
         progress("calibrating and validating the INT8 ONNX (explicit Q/DQ)")
         # Ranges are calibrated on the float32 graph; the Q/DQ go onto the mixed float16 graph, so a strongly
         # typed engine runs what is not quantised (softmax, norms, adds) in float16, not float32.
-        quantized, report = quantize_for_export(onnx_of("native", "fp32", False), calibration_images, method="auto",
+        quantized, report = quantize_for_export(onnx_of(base, "fp32", False), calibration_images, method="auto",
                                                 calibration_info=calibration_info, float_scopes=method.float_scopes)
-        graph = transplant_qdq(quantized, onnx_of(request.gather, "fp16", False))
-        debug = transplant_qdq(quantized, onnx_of(request.gather, "fp16", True))
-        result = check_graph(graph, debug, reference, inputs, "int8", "onnx_int8", f"model_{request.gather}_int8.onnx",
-                             request.gather, batch_sizes)
+        graph = transplant_qdq(quantized, onnx_of(chosen, "fp16", False))
+        debug = transplant_qdq(quantized, onnx_of(chosen, "fp16", True))
+        result = check_graph(graph, debug, reference, inputs, "int8", "onnx_int8", f"model_{chosen}_int8.onnx",
+                             chosen, batch_sizes)
         result.extra["int8"] = report
         results.append(result)
     return results
@@ -474,14 +551,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
     started = time.perf_counter()
     request.check()
     progress("loading the model")
-    subject = load_subject(request.checkpoint, request.model)
-    keep = request.keep if request.keep is not None else subject.model.keep_ratio
-    keep_counts(keep, subject.model.num_patches, subject.model.num_stages)  # a keep that keeps no token: refused
-    tocom = None
-    if request.tocom is not None:
-        subject, tocom = with_tocom(subject, request.tocom, keep, request.tocom_scale)
-    method = DynamicViTExport(keep)
-    out = Path(request.out) if request.out is not None else default_out(request, subject.label, keep)
+    subject, method, tocom = prepare(request)
+    out = Path(request.out) if request.out is not None else default_out(request, subject.label, method)
     previous = previous_manifest(out)
     inputs, input_sources = validation_inputs(subject, request)
     calibration_images, calibration_info = (None, None)
@@ -492,7 +563,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
         graphs = export_graphs(method, subject.model, request, inputs, calibration_images, calibration_info, progress)
         artifacts = [entry for g in graphs for entry in write_graph(g, staging)]
         artifacts.append(golden_entry(staging, inputs, method.reference(subject.model)))
-        manifest = build_manifest(request, subject, method, keep, tocom, graphs, artifacts, input_sources)
+        manifest = build_manifest(request, subject, method, tocom, graphs, artifacts, input_sources)
         manifest.artifacts.append(write_trtexec(staging, manifest.to_dict()))
         manifest = engine_step(request, staging, manifest, progress)
         manifest.build_seconds = round(time.perf_counter() - started, 2)
@@ -519,7 +590,13 @@ def engine_step(request: ExportRequest, staging: Path, manifest: Manifest, progr
     return replace(Manifest.from_dict(with_engines(manifest.to_dict(), engines, target_facts())), engine={"built": True})
 
 
-def build_manifest(request: ExportRequest, subject: ExportSubject, method, keep: float, tocom: dict | None,
+def tokens_entry(description: dict, patches: int) -> dict:
+    """Token counts of the export: kept per pruning stage (DynamicViT) or per block (ToMe)."""
+    keys = ("kept_per_stage", "stages_before_blocks", "tokens_per_block", "merges_per_block")
+    return {"patches": patches, **{key: description[key] for key in keys if key in description}}
+
+
+def build_manifest(request: ExportRequest, subject: ExportSubject, method, tocom: dict | None,
                    graphs: list[GraphResult], artifacts: list[dict], input_sources: dict) -> Manifest:
     model = subject.model
     low, opt, high = request.batch_profile
@@ -535,13 +612,13 @@ def build_manifest(request: ExportRequest, subject: ExportSubject, method, keep:
             "loader_notes": subject.notes,
         },
         method=method.describe(model),
-        keep_ratio=keep,
-        tokens={"patches": model.num_patches, "kept_per_stage": model.stage_keep_counts(keep),
-                "stages_before_blocks": list(model.config.pruning_locations)},
+        keep_ratio=getattr(method, "keep_ratio", None),
+        tokens=tokens_entry(method.describe(model), model.num_patches),
         macs=method.macs(model),
         tocom=tocom,
         precision=request.precisions,
-        gather=request.gather,
+        gather=request.flavour,
+        default_flavour=method.flavours[0],
         input={"name": "images", "shape": input_shape(request, model.image_shape), "dtype": "float32"},
         batch={"dynamic": request.dynamic_batch is not None, "min": low, "opt": opt, "max": high},
         opset=request.opset,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from compress.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, run_cli
+from compress.tome import MERGE_FLAVOURS
 from export.api import BACKENDS, ExportRequest, ExportResult, ValidationFailed, export_model
 from export.compare import RANDOM_INPUTS
 from export.onnx_export import MIN_OPSET
@@ -35,7 +36,8 @@ def parse_batch_profile(text: str) -> tuple[int, int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export.build", formatter_class=HelpFormatter,
-        description="Export a DynamicViT to validated ONNX and, where TensorRT is present, a TensorRT engine.",
+        description="Export a DynamicViT (or a ViT with ToMe token merging) to validated ONNX and, where TensorRT "
+                    "is present, a TensorRT engine.",
         epilog=exit_codes_epilog((EXIT_VALIDATION_FAILED, "a graph or engine disagreed with PyTorch: FAILED line, "
                                                            "nothing written")),
     )
@@ -75,7 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: a TensorRT engine where TensorRT and a GPU are present, else ONNX Runtime "
                              "artefacts only; trt: require an engine; ort: ONNX only")
     parser.add_argument("--out", "-o", type=Path, default=None,
-                        help="output folder (default: exports/<model>_keep<rho>_<precision>)")
+                        help="output folder (default: exports/<model>_keep<rho>_<precision>, or _r<r>_ for ToMe)")
+    tome = parser.add_argument_group("token merging (ToMe) instead of DynamicViT pruning")
+    tome.add_argument("--tome-r", type=bounded(int, 0, 4096), default=None, metavar="R",
+                      help="export ToMe merging R tokens per block (the checkpoint: a plain timm/DeiT ViT, "
+                           "{'model': state_dict} or a bare state dict) (default: DynamicViT, no merging)")
+    tome.add_argument("--tome-r-train", type=bounded(int, 0, 4096), default=None, metavar="R0",
+                      help="the r the checkpoint was fine-tuned at: --tocom merges ToCom(R0 -> R) (default: 0)")
+    tome.add_argument("--tome-flavour", choices=MERGE_FLAVOURS, default="onehot",
+                      help="how merged tokens are added: onehot (MatMul, no scatter) or scatter (ScatterElements "
+                           "'add', TensorRT runs it through its ScatterElements plugin)")
     return add_version_argument(parser)
 
 
@@ -84,7 +95,8 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         checkpoint=args.checkpoint, model=args.model, keep=args.keep, tocom=args.tocom, tocom_scale=args.tocom_scale,
         fp16=args.fp16, int8=args.int8, calib_data=args.calib_data, val_data=args.val_data,
         batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset, gather=args.gather,
-        backend=args.backend, out=args.out,
+        backend=args.backend, out=args.out, tome_r=args.tome_r, tome_r_train=args.tome_r_train,
+        tome_flavour=args.tome_flavour,
     )
 
 
@@ -99,6 +111,14 @@ class Progress:
         print(f"[{self.done} {time.perf_counter() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
+def degree_text(manifest: dict) -> str:
+    tokens = manifest["tokens"]
+    if manifest["method"]["method"] == "tome":
+        per_block = tokens["tokens_per_block"]
+        return f"at r {manifest['method']['r']} (tokens {per_block[0]} -> {per_block[-1]})"
+    return f"at keep {manifest['keep_ratio']:g} (patch tokens {tokens['patches']} -> {tokens['kept_per_stage'] or 'dense'})"
+
+
 def kept_text(result: dict) -> str:
     if not result.get("kept_overlap"):
         return "-"
@@ -110,20 +130,20 @@ def kept_text(result: dict) -> str:
 def summary_lines(result: ExportResult) -> list[str]:
     """The summary a user reads: what was exported, a row per graph and input set, a verdict, the next command."""
     manifest, out = result.manifest.to_dict(), result.out
-    tokens = manifest["tokens"]
-    lines = [f"exported {manifest['model']['label']} at keep {manifest['keep_ratio']:g} "
-             f"(patch tokens {tokens['patches']} -> {tokens['kept_per_stage'] or 'dense'}) into {out}/"]
+    lines = [f"exported {manifest['model']['label']} {degree_text(manifest)} into {out}/"]
     if manifest["model"]["random_weights"]:
         lines.append("  note: RANDOM WEIGHTS (no checkpoint given): for checking the pipeline only")
     lines += [f"  note: {note}" for note in manifest["model"]["loader_notes"]]
     if manifest["tocom"]:
         t = manifest["tocom"]
-        lines.append(f"  ToCom merged: rho_train {t['rho_train']} -> keep {t['keep']}, scale {t['scale']}")
-    lines.append(f"  {'artefact':<26} {'images':<11} {'batch':>5} {'max abs err':>11} {'top-1':>6}  kept tokens   judged on")
+        source, target = (("r_train", "r") if "r_train" in t else ("rho_train", "keep"))
+        lines.append(f"  ToCom merged: {source} {t[source]} -> {target} {t[target]}, scale {t['scale']}")
+    decisions = "merges" if manifest["method"]["method"] == "tome" else "kept tokens"
+    lines.append(f"  {'artefact':<26} {'images':<11} {'batch':>5} {'max abs err':>11} {'top-1':>6}  {decisions:<13} judged on")
     role_of = {a["role"]: a for a in manifest["artifacts"]}
     for role, entry in manifest["validation"].items():
         for c in entry["comparisons"]:
-            judged = ("max abs error + kept sets" if c["max_abs_tolerance"] is not None
+            judged = ("max abs error + same decisions" if c["max_abs_tolerance"] is not None
                       else "reported, not judged" if c["inputs"] == RANDOM_INPUTS else "top-1 agreement")
             lines.append(f"  {role_of[role]['path']:<26} {c['inputs']:<11} {c['batch'] or '-':>5} "
                          f"{c['max_abs_error']:>11.2e} {c['top1_agreement']:>6.3f}  {kept_text(c):<13} {judged}")

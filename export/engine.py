@@ -39,7 +39,15 @@ from export.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine,
                                     timing_cache_path)
 
 EXIT_DISAGREES = 1
+# Graphs of folders written before artefact entries recorded their precision.
 ROLE_PRECISION = {"onnx": "fp32", "onnx_plugin": "fp32", "onnx_fp16": "fp16", "onnx_int8": "int8"}
+
+
+def graph_precisions(manifest: dict) -> dict[str, str]:
+    """role -> precision of every shipped ONNX graph (not the debug twins) the manifest lists."""
+    return {e["role"]: e.get("precision") or ROLE_PRECISION[e["role"]] for e in manifest.get("artifacts", [])
+            if e["role"].startswith("onnx") and not e["role"].endswith("_debug")
+            and (e.get("precision") or e["role"] in ROLE_PRECISION)}
 ENGINE_ROLE = "engine"
 
 
@@ -87,7 +95,7 @@ def checked_graphs(folder: Path, manifest: dict) -> dict[str, Path]:
         if entry["role"] != ENGINE_ROLE:  # engines are checked against their own manifest facts
             verified_path(folder, entry)
     graphs = {}
-    for role in ROLE_PRECISION:
+    for role in graph_precisions(manifest):
         if role not in entries:
             continue
         twin = entries.get(debug_role(role))
@@ -106,7 +114,7 @@ def criteria(manifest: dict, role: str, set_name: str, engine: bool = False) -> 
     Read from the manifest's validation figures (the very criteria export.build applied); the defaults of
     export.compare where they are absent. A float32 engine gets the engine tolerance (TF32 off, GPU order).
     """
-    precision = ROLE_PRECISION[role]
+    precision = graph_precisions(manifest)[role]
     recorded = [c for c in manifest.get("validation", {}).get(role, {}).get("comparisons", [])
                 if c.get("inputs") == set_name]
     if recorded:
@@ -202,7 +210,8 @@ def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSe
     cache = timing_cache_path(timing_cache_dir or folder.parent, here)
     engines = {}
     for precision in manifest.get("precision", ["fp32"]):
-        plan = plan_engine(here["tensorrt"], precision, manifest.get("gather", "native"))
+        plan = plan_engine(here["tensorrt"], precision, manifest.get("gather", "native"),
+                           manifest.get("default_flavour", "native"))
         if plan.onnx_role not in graphs:
             continue
         engine_path = folder / f"model_{precision}.engine"
@@ -240,7 +249,8 @@ def recheck_engines(export_dir: Path, manifest: dict, golden: dict[str, GoldenSe
     engines = {}
     for precision, facts in listed.items():
         engine_path = verified_path(folder, facts)
-        role = facts.get("onnx_role") or plan_engine(here["tensorrt"], precision, manifest.get("gather", "native")).onnx_role
+        role = facts.get("onnx_role") or plan_engine(here["tensorrt"], precision, manifest.get("gather", "native"),
+                                                     manifest.get("default_flavour", "native")).onnx_role
         engines[precision] = {**facts, **check_and_time(engine_path, graphs[role], golden, manifest, role, warmup,
                                                         iterations)}
     return engines

@@ -63,7 +63,8 @@ class EnginePlan:
         return asdict(self)
 
 
-def plan_engine(tensorrt_version: str, precision: str, gather: str = "native") -> EnginePlan:
+def plan_engine(tensorrt_version: str, precision: str, gather: str = "native",
+                default_flavour: str = "native") -> EnginePlan:
     """The build decisions for a TensorRT version, a precision and a token-selection flavour (pure).
 
     10.x: STRONGLY_TYPED must be requested; 11.x: every network is strongly typed (the flag is redundant and
@@ -76,7 +77,9 @@ def plan_engine(tensorrt_version: str, precision: str, gather: str = "native") -
                             "ONNX parsing of this graph): use TensorRT 10.3 (JetPack 6) or newer")
     if precision not in PRECISION_ROLES:
         raise TensorRTError(f"unknown precision {precision!r} (one of {', '.join(PRECISION_ROLES)})")
-    role = "onnx_plugin" if precision == "fp32" and gather == "plugin" else PRECISION_ROLES[precision]
+    # float32 builds from the graph of the flavour asked for (the default flavour's is "onnx"); reduced
+    # precision graphs are exported in the asked flavour already.
+    role = f"onnx_{gather}" if precision == "fp32" and gather != default_flavour else PRECISION_ROLES[precision]
     return EnginePlan(precision=precision, onnx_role=role, strongly_typed=True,
                       network_flags=("STRONGLY_TYPED",) if major == 10 else (), builder_flags=(), tf32=False)
 
@@ -146,7 +149,7 @@ def trtexec_text(manifest: dict, plugin_library: str = "trt_plugins/build/token_
     for family in TRTEXEC_TENSORRT_VERSIONS:
         lines.append(f"## TensorRT {family}{' (JetPack 6)' if family == '10.3' else ''}")
         for precision in manifest.get("precision", []):
-            plan = plan_engine(family, precision, manifest.get("gather", "native"))
+            plan = plan_engine(family, precision, manifest.get("gather", "native"), manifest.get("default_flavour", "native"))
             if plan.onnx_role not in files:
                 continue
             engine_file = f"model_{precision}.trt{family}.engine"
