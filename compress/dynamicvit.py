@@ -86,7 +86,9 @@ class PredictionModule(nn.Module):
             global_feature = pooled.mean(dim=1, keepdim=True)
         else:
             weights = decision.unsqueeze(-1).to(pooled.dtype)
-            global_feature = (pooled * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True)
+            # A row whose tokens were all dropped (likely with few patches) gets a zero global feature, not 0/0 = NaN,
+            # which would reach every parameter through the next backward pass.
+            global_feature = (pooled * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1e-6)
         return self.out_conv(torch.cat([local, global_feature.expand_as(pooled)], dim=-1))
 
 
