@@ -264,7 +264,7 @@ def test_manifest_entry_macs_and_tensorrt_minimum():
     with pytest.raises(ToMeExportError, match=MIN_TENSORRT_VERSION["scatter"]):
         check_tensorrt_version("scatter", "8.6.1")
     with pytest.raises(ToMeExportError, match="flavour"):
-        method.export_onnx(method.deploy_copy(model, "fp32"), "topk", 1, False, 17, False)
+        method.export_onnx(method.deploy_copy(tiny_tome(), "fp32"), "topk", 1, False, 17, False)
 
 
 @pytest.mark.slow
