@@ -22,7 +22,6 @@ strictly. Tensor shapes in docstrings are [batch, tokens, channels].
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -30,8 +29,13 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from compress.complexity import VitShape
-from compress.dynamicvit import DynamicViTBase, PREDICTOR_PREFIX, attention_forward, default_pruning_locations
-from compress.errors import CheckpointError
+from compress.dynamicvit import (
+    PREDICTOR_PREFIX,
+    DynamicViTBase,
+    attention_forward,
+    default_pruning_locations,
+    weights_arch,
+)
 from compress.registry import (
     DEFAULT_KEEP_RATIO,
     IMAGENET_MEAN,
@@ -277,28 +281,15 @@ def owns_lvvit(weights: dict) -> bool:
     return STEM_KEY in weights
 
 
-def _shape(weights: dict, key: str, source: str) -> tuple[int, ...]:
-    if key not in weights:
-        raise CheckpointError(f"{source} is not an LV-ViT DynamicViT checkpoint: key '{key}' is missing")
-    return tuple(weights[key].shape)
-
-
 def lvvit_weights_arch(weights: dict, source: str) -> dict:
     """The architecture numbers an LV-ViT state dict records (the head count is not among them)."""
-    stem_channels, in_chans, _, _ = _shape(weights, STEM_KEY, source)
-    embed_dim, _, half_patch, _ = _shape(weights, "patch_embed.proj.weight", source)
-    pos_tokens = _shape(weights, "pos_embed", source)[1]
-    grid = math.isqrt(pos_tokens - 1)
-    if grid * grid != pos_tokens - 1:
-        raise CheckpointError(f"{source}: position embedding of {pos_tokens} tokens is not CLS + a square grid")
-    depth = 1 + max((int(k.split(".")[1]) for k in weights if k.startswith("blocks.")), default=-1)
-    if depth == 0:
-        raise CheckpointError(f"{source} is not an LV-ViT checkpoint: it has no 'blocks.*' keys")
-    mlp_hidden = _shape(weights, "blocks.0.mlp.fc1.weight", source)[0]
-    return {"embed_dim": embed_dim, "depth": depth, "patch_size": 2 * half_patch, "in_chans": in_chans,
-            "mlp_hidden": mlp_hidden, "img_size": grid * 2 * half_patch, "stem_channels": stem_channels,
-            "num_classes": _shape(weights, "head.weight", source)[0] if "head.weight" in weights else 0,
-            "qkv_bias": "blocks.0.attn.qkv.bias" in weights}
+    numbers = weights_arch(weights, source)  # read as a timm ViT's, whose patch is the projection's kernel
+    stem_channels, in_chans = weights[STEM_KEY].shape[:2]
+    patch_size = 2 * numbers["patch_size"]  # LV-ViT's projection runs at half resolution
+    numbers.update(patch_size=patch_size, img_size=2 * numbers["img_size"], in_chans=in_chans,
+                   stem_channels=stem_channels, qkv_bias="blocks.0.attn.qkv.bias" in weights,
+                   num_classes=weights["head.weight"].shape[0] if "head.weight" in weights else 0)
+    return numbers
 
 
 MATCHED_NUMBERS = ("embed_dim", "depth", "patch_size", "mlp_hidden", "in_chans")
