@@ -483,26 +483,53 @@ def _datasets(cfg: TrainConfig, image_size: int | None = None):
     return train_set, eval_set, spec
 
 
-def restore_training_state(state: dict, optimizer, ema: training.ModelEma | None, scaler, env: training.DistEnv,
-                           seed: int) -> tuple[int, int, list[dict]]:
-    """Load a checkpoint's optimizer, EMA, loss scaler and random state; returns (epoch, step, history).
+@dataclass
+class TrainingState:
+    """What a resumable checkpoint carries besides the run's metadata, and how ``--resume`` puts it back.
 
-    The main rank continues its saved random state; the others (their state is not saved) reseed from the step.
+    teacher: kept only when no file holds it (a random student's starting weights: no --init, no --teacher).
     """
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None and "model_ema" in state:
-        ema.load_state_dict(state["model_ema"])
-    if "scaler" in state and scaler.is_enabled():
-        scaler.load_state_dict(state["scaler"])
-    epoch, step = int(state["epoch"]), int(state["step"])
-    rng = state.get("rng", {})
-    if env.is_main and "torch" in rng:
-        torch.set_rng_state(rng["torch"])
-        if env.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
-    else:
-        torch.manual_seed(seed + 7919 * env.rank + step)
-    return epoch, step, list(state.get("history", []))
+
+    model: DynamicViTBase
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: training.ModelEma | None = None
+    teacher: DynamicViTBase | None = None
+
+    def checkpoint(self, metadata: dict, history: list[dict], env: training.DistEnv) -> dict:
+        """The contents of checkpoint.pth after the epoch ``history[-1]`` records."""
+        record = history[-1]
+        cuda_rng = {"cuda": torch.cuda.get_rng_state()} if env.device.type == "cuda" else {}
+        state = {"model": self.model.state_dict(), "config": self.model.config.to_dict(), **metadata,
+                 "epoch": record["epoch"], "step": record["step"], "metrics": record, "history": history,
+                 "optimizer": self.optimizer.state_dict(), "rng": {"torch": torch.get_rng_state(), **cuda_rng}}
+        if self.ema is not None:
+            state["model_ema"] = self.ema.state_dict()
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def restore(self, state: dict, env: training.DistEnv, seed: int) -> tuple[int, int, list[dict]]:
+        """Load a checkpoint's optimizer, EMA, loss scaler and random state; returns (epoch, step, history).
+
+        The main rank continues its saved random state; the others (theirs is not saved) reseed from the step.
+        """
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and "model_ema" in state:
+            self.ema.load_state_dict(state["model_ema"])
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        epoch, step = int(state["epoch"]), int(state["step"])
+        rng = state.get("rng", {})
+        if env.is_main and "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+            if env.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
+        else:
+            torch.manual_seed(seed + 7919 * env.rank + step)
+        return epoch, step, list(state.get("history", []))
 
 
 def epoch_record(cfg: TrainConfig, summary: training.EpochSummary, metrics: dict, num_stages: int) -> dict:
@@ -517,23 +544,27 @@ def epoch_record(cfg: TrainConfig, summary: training.EpochSummary, metrics: dict
     return record
 
 
-def _train(cfg: TrainConfig, env: training.DistEnv) -> TrainResult:
-    out = prepare_output(cfg.out) if env.is_main else Path(cfg.out)
-    training.barrier(env)
+def _student_and_data(cfg: TrainConfig, env: training.DistEnv):
+    """(student, where its weights came from, the --resume state or None, train set, eval set, DataSpec): the
+    student built (or resumed) under the run's seed, on the device, with datasets at its image size."""
     resume_state = None
     if cfg.resume:
         model, resume_state, source = _resume(cfg)
-
     torch.manual_seed(cfg.seed)
     train_set, eval_set, spec = _datasets(cfg, cfg.img_size)
     if resume_state is None:
         model, source = build_model(cfg, spec.num_classes, spec.image_size)
     if model_image_size(model) != spec.image_size:
-        if cfg.data == DEMO_DATASET and cfg.img_size is None:
-            train_set, eval_set, spec = _datasets(cfg, model_image_size(model))
-        else:
+        if cfg.data != DEMO_DATASET or cfg.img_size is not None:
             raise PipelineError(f"the model takes {model_image_size(model)}-pixel images but --img-size/data gives {spec.image_size}")
-    model.to(env.device)
+        train_set, eval_set, spec = _datasets(cfg, model_image_size(model))
+    return model.to(env.device), source, resume_state, train_set, eval_set, spec
+
+
+def _train(cfg: TrainConfig, env: training.DistEnv) -> TrainResult:
+    out = prepare_output(cfg.out) if env.is_main else Path(cfg.out)
+    training.barrier(env)
+    model, source, resume_state, train_set, eval_set, spec = _student_and_data(cfg, env)
     torch.manual_seed(cfg.seed + env.rank)
 
     teacher = None
@@ -544,60 +575,46 @@ def _train(cfg: TrainConfig, env: training.DistEnv) -> TrainResult:
         groups = backbone_param_groups(model, cfg.weight_decay)
     global_batch = cfg.batch_size * env.world_size
     base_lr = cfg.peak_lr(global_batch, RECIPE_LR, RECIPE_BATCH)
-    optimizer = cfg.adamw(groups, base_lr)
-    ema = training.ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     amp = training.amp_dtype(cfg.amp, env.device)
-    scaler = training.grad_scaler(amp)
+    state = TrainingState(model, cfg.adamw(groups, base_lr), training.grad_scaler(amp),
+                          training.ModelEma(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+                          teacher if not (cfg.init or cfg.teacher) else None)
     objective = build_objective(cfg, model, teacher, spec.num_classes, env)
     train_loader, eval_loader = build_loaders(train_set, eval_set, cfg.batch_size, cfg.workers, cfg.seed, env.rank, env.world_size)
     per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, env.world_size)
-    schedule = cfg.schedule(base_lr, per_epoch)
 
     start_epoch, step, history = 0, 0, []
     if resume_state is not None:
-        start_epoch, step, history = restore_training_state(resume_state, optimizer, ema, scaler, env, cfg.seed)
+        start_epoch, step, history = state.restore(resume_state, env, cfg.seed)
         if env.is_main:
             print(f"resumed from {source}: epoch {start_epoch}, step {step}", file=sys.stderr)
-
     log = training.JsonLinesLog(out / LOG_NAME, enabled=env.is_main)
     metadata = {
         "training": {**cfg.to_dict(), "lr_resolved": base_lr, "world_size": env.world_size, "init_source": source},
         "data": asdict(spec),
     }
-    eval_keep = cfg.target_keep
     if env.is_main:
         counts = model.stage_keep_counts() if cfg.mode == "dynamicvit" else "all"
         print(f"{cfg.mode}: {model.config.backbone} {model.config.backbone_kwargs} | {len(train_set)} train / "
               f"{len(eval_set)} eval images | {per_epoch} steps/epoch x {cfg.epochs} | global batch {global_batch} | "
-              f"lr {base_lr:.3g} | keep {eval_keep} -> tokens {counts} | from {source}", file=sys.stderr)
+              f"lr {base_lr:.3g} | keep {cfg.target_keep} -> tokens {counts} | from {source}", file=sys.stderr)
 
     model.train()
-    epochs = training.fit(objective, optimizer, train_loader, schedule, env, start_epoch=start_epoch, start_step=step,
-                          amp=amp, scaler=scaler, model=model, clip_grad=cfg.clip_grad, ema=ema)
-    for summary in epochs:
+    ema = state.ema
+    for summary in training.fit(objective, state.optimizer, train_loader, cfg.schedule(base_lr, per_epoch), env,
+                                start_epoch=start_epoch, start_step=step, amp=amp, scaler=state.scaler, model=model,
+                                clip_grad=cfg.clip_grad, ema=ema):
         step = summary.step
-        metrics = training.evaluate(model, eval_loader, eval_keep, env, amp, top_k=(1, 5))
+        metrics = training.evaluate(model, eval_loader, cfg.target_keep, env, amp, top_k=(1, 5))
         record = epoch_record(cfg, summary, metrics, model.num_stages)
         if ema is not None:
-            record["eval_top1_ema"] = training.evaluate(ema.module, eval_loader, eval_keep, env, amp)["top1"]
+            record["eval_top1_ema"] = training.evaluate(ema.module, eval_loader, cfg.target_keep, env, amp)["top1"]
         record["seconds"] = round(time.time() - summary.started, 2)
         history.append(record)
         log.write(record)
         if env.is_main:
             _print_epoch(record, cfg, ema is not None)
-            state = {
-                "model": model.state_dict(), "config": model.config.to_dict(), **metadata,
-                "epoch": summary.epoch, "step": step, "metrics": record, "history": history,
-                "optimizer": optimizer.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if env.device.type == "cuda" else {})},
-            }
-            if ema is not None:
-                state["model_ema"] = ema.state_dict()
-            if teacher is not None and not (cfg.init or cfg.teacher):
-                state["teacher"] = teacher.state_dict()
-            if scaler.is_enabled():
-                state["scaler"] = scaler.state_dict()
-            atomic_torch_save(state, out / CHECKPOINT_NAME)
+            atomic_torch_save(state.checkpoint(metadata, history, env), out / CHECKPOINT_NAME)
         training.barrier(env)
         if cfg.stop_after is not None and cfg.stop_after <= summary.epoch < cfg.epochs:
             if env.is_main:
@@ -606,13 +623,17 @@ def _train(cfg: TrainConfig, env: training.DistEnv) -> TrainResult:
 
     final = history[-1] if history else {}
     if env.is_main:
-        summary_metadata = {**metadata, "epoch": cfg.epochs, "step": step, "metrics": final}
-        atomic_torch_save({"model": model.state_dict(), "config": model.config.to_dict(), **summary_metadata}, out / MODEL_NAME)
-        if ema is not None:
-            atomic_torch_save({"model": ema.state_dict(), "config": model.config.to_dict(), **summary_metadata,
-                               "ema_decay": cfg.ema_decay}, out / EMA_NAME)
+        _save_model(out, model, ema, {**metadata, "epoch": cfg.epochs, "step": step, "metrics": final}, cfg.ema_decay)
     training.barrier(env)
     return TrainResult(out, model, cfg.epochs, step, final, history)
+
+
+def _save_model(out: Path, model: DynamicViTBase, ema: training.ModelEma | None, metadata: dict, ema_decay: float) -> None:
+    """OUT/model.pth (reference format + config + metadata) and, with an EMA, OUT/model_ema.pth."""
+    atomic_torch_save({"model": model.state_dict(), "config": model.config.to_dict(), **metadata}, out / MODEL_NAME)
+    if ema is not None:
+        atomic_torch_save({"model": ema.state_dict(), "config": model.config.to_dict(), **metadata, "ema_decay": ema_decay},
+                          out / EMA_NAME)
 
 
 def _print_epoch(record: dict, cfg: TrainConfig, with_ema: bool) -> None:
