@@ -31,7 +31,7 @@ import torch
 
 import trt_plugins
 from calibration.data import load_calibration_data
-from compress.images import check_image_source
+from compress.images import check_image_sources
 from calibration.int8 import quantize_for_export, transplant_qdq
 from compress.checkpoint import load_dynamicvit
 from compress.cli import package_version
@@ -155,12 +155,7 @@ class ExportRequest:
             raise ExportError("--int8 needs --calib-data (an image folder, a .npy/.npz file, or 'demo')")
         if self.calib_data is not None and not self.int8:
             raise ExportError("--calib-data does nothing without --int8")
-        for flag, source in (("--calib-data", self.calib_data), ("--val-data", self.val_data)):
-            if source is not None:
-                try:
-                    check_image_source(source)
-                except PipelineError as exc:
-                    raise ExportError(f"{flag}: {exc}") from None
+        check_image_sources({"--calib-data": self.calib_data, "--val-data": self.val_data})
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise ExportError(f"checkpoint not found: {self.checkpoint}")
         if self.backend != "ort":
