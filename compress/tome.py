@@ -35,8 +35,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from compress.checkpoint import infer_config, read_checkpoint_file
 from compress.complexity import block_macs
-from compress.dynamicvit import (ADOPTED_BACKBONE_PARTS, DEIT_HEAD_DIM, FAMILY, PREDICTOR_PREFIX, build_deit,
-                                 check_backbone)
+from compress.dynamicvit import (ADOPTED_BACKBONE_PARTS, DEIT_HEAD_DIM, FAMILY, PREDICTOR_PREFIX, DynamicViT,
+                                 build_deit, check_backbone)
 from compress.errors import CheckpointError, PipelineError
 from compress.registry import DynamicViTConfig, UnknownModel, config_for
 
@@ -261,19 +261,13 @@ class ToMeViT(nn.Module):
         check_schedule_merges(self.num_patches + 1, schedule)
         self._r_schedule = schedule
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.patch_embed.proj.in_channels, *self.patch_embed.img_size)
+    # The same parts as the DeiT family's DynamicViT, embedded the same way: images [B, 3, H, W] -> [B, 1 + N, C].
+    image_shape = DynamicViT.image_shape
+    embed = DynamicViT.embed
 
     def token_counts(self, schedule: Sequence[int] | None = None) -> list[int]:
         """Tokens entering each block, then after the last (CLS included), at ``schedule`` (default: the model's)."""
         return token_counts(self.num_patches + 1, self.r_schedule if schedule is None else schedule)
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> tokens [B, 1 + N, C] (CLS first, position embedding added)."""
-        patches = self.patch_embed(images)
-        tokens = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
-        return self.norm_pre(self.pos_drop(tokens))
 
     def forward_with_decisions(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """logits [B, classes] and, per block that merges, ``merge_decisions`` [B, r_l] int64."""

@@ -292,26 +292,32 @@ def _teacher_checkpoint(tmp_path):
     return model, path
 
 
-def test_a_few_training_steps_reduce_the_kl():
+def distillation_losses(model, plugin, source, target, steps=12):
+    """The KL of ``steps`` AdamW steps (lr 3e-3) of ``plugin`` on 16 demo images, teacher at ``source``."""
     from compress.tocom_train import StudentForward, distillation_step
 
+    images, _ = demo_batch(16)
+    student = StudentForward(model, plugin)
+    optimizer = torch.optim.AdamW(plugin.parameters(), lr=3e-3, weight_decay=0.05)
+    losses = []
+    with tocom.attach(model, plugin):
+        for _ in range(steps):
+            loss = distillation_step(model, plugin, student, images, source, target, 0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def test_a_few_training_steps_reduce_the_kl():
     model = tiny_model()
     with torch.no_grad():
         model.head.weight.mul_(30.0)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     plugin = tocom.plugin_for_model(model, dropout=0.0)
-    images, _ = demo_batch(16)
-    student = StudentForward(model, plugin)
-    optimizer = torch.optim.AdamW(plugin.parameters(), lr=3e-3, weight_decay=0.05)
-    with tocom.attach(model, plugin):
-        losses = []
-        for _ in range(12):
-            loss = distillation_step(model, plugin, student, images, 0.7, 0.4, 0.1)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+    losses = distillation_losses(model, plugin, 0.7, 0.4)
     assert losses[0] > 1e-3
     assert losses[-1] < 0.5 * losses[0], losses
     assert all(p.grad is None for p in model.parameters())  # the backbone stays frozen
@@ -362,7 +368,6 @@ def test_every_flag_documents_its_default():
 
 
 def test_tome_distillation_steps_reduce_the_kl():
-    from compress.tocom_train import StudentForward, distillation_step
     from compress.tome import ToMeViT
 
     model = ToMeViT(tiny_model(), 0).eval()
@@ -375,17 +380,7 @@ def test_tome_distillation_steps_reduce_the_kl():
         parameter.requires_grad_(False)
     plugin = tocom.plugin_for_model(model, dropout=0.0)
     assert plugin.kind == tocom.TOME_R and plugin.grid == tocom.TOME_GRID
-    images, _ = demo_batch(16)
-    student = StudentForward(model, plugin)
-    optimizer = torch.optim.AdamW(plugin.parameters(), lr=3e-3, weight_decay=0.05)
-    with tocom.attach(model, plugin):
-        losses = []
-        for _ in range(12):
-            loss = distillation_step(model, plugin, student, images, 0, 16, 0.1)  # teacher at r 0, student at r 16
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+    losses = distillation_losses(model, plugin, 0, 16)  # teacher at r 0, student at r 16
     assert model.r_schedule == (16,) * 4
     assert losses[0] > 1e-3
     assert losses[-1] < 0.5 * losses[0], losses
