@@ -385,11 +385,11 @@ class Classification:
 
     divergence_hint = "lower --lr, raise --clip-grad strength, or --resume from the last checkpoint"
 
-    def __init__(self, forward: nn.Module, classification_loss: Callable = F.cross_entropy):
-        self.forward, self.classification_loss = forward, classification_loss
+    def __init__(self, logits: nn.Module, classification_loss: Callable = F.cross_entropy):
+        self.logits, self.classification_loss = logits, classification_loss
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = self.classification_loss(self.forward(images).float(), labels)
+        loss = self.classification_loss(self.logits(images).float(), labels)
         return loss, {"cls": float(loss.detach())}
 
 
