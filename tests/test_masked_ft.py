@@ -1,9 +1,9 @@
 """Masked fine-tuning: random visible subsets, the visible-patch forward, and the command."""
 import torch
 
-from compress import create_dynamicvit
+from compress import create_dynamicvit, train
 from compress.checkpoint import load_dynamicvit
-from compress.masked_ft import main
+from compress.masked_ft import build_parser, main
 from compress.masking import forward_visible_patches, random_visible_patches, sample_mask_ratio, visible_patch_count
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
@@ -44,3 +44,16 @@ def test_masked_ft_command_writes_a_full_image_model(tmp_path):
     assert loaded.model.keep_ratio == 1.0
     assert loaded.metadata["training"]["mode"] == "masked"
     assert loaded.metadata["training"]["mask_ratio_max"] == 0.7
+
+
+def test_masked_ft_options_are_the_training_options_without_pruning_plus_mask_ratios():
+    masked = build_parser()
+    dense_or_dynamicvit = train.build_parser()
+    flags = {parser: {flag for action in parser._actions for flag in action.option_strings}
+             for parser in (masked, dense_or_dynamicvit)}
+    assert {"--mask-ratio-min", "--mask-ratio-max", "--init", "--epochs", "--lr"} <= flags[masked]
+    assert not {"--keep", "--teacher", "--dense", "--ratio-weight"} & flags[masked]
+    assert {"--keep", "--teacher", "--dense"} <= flags[dense_or_dynamicvit] and "--mask-ratio-max" not in flags[dense_or_dynamicvit]
+    assert masked.prog == "python -m compress.masked_ft" and "arXiv 2310.17177" in masked.description
+    config = train.config_from_args(masked.parse_args(["--mask-ratio-max", "0.5"]), mode="masked")
+    assert config.mode == "masked" and config.mask_ratio_max == 0.5 and config.target_keep == 1.0
