@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import struct
 import zipfile
@@ -619,7 +620,10 @@ def load_reference_plugin(path: str | os.PathLike) -> tuple[TokenCompensator, st
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle / zip / torch raise many types for a damaged file
+    except pickle.UnpicklingError:
+        raise PluginFileError(f"cannot read ToCom plugin {path}: not a file saved by torch.save, or it holds objects "
+                              "other than tensors and plain containers (refused: loading never runs pickled code)") from None
+    except Exception as exc:  # zip / torch raise many types for a damaged file
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
         raise PluginFileError(f"cannot read ToCom plugin {path}: corrupt or truncated file ({reason})") from None
     weights = content.get("model", content) if isinstance(content, dict) else None
