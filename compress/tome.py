@@ -6,7 +6,8 @@ Per block, after the attention and before the MLP, ``r_l = min(r, (t - 1) // 2)`
 merged away (bipartite soft matching):
 
 - metric: the attention keys averaged over heads, [B, t, head_dim], L2-normalised;
-- split: A = even positions (CLS is A[0] and never merges), B = odd positions; cosine scores A . B^T;
+- split: A = even positions (CLS is A[0] and never merges), B = odd positions; cosine scores A . B^T, ranked
+  through the distances of the unit vectors, 2 - 2 cos (``cosine_distances``: float32 keeps their order);
 - each A token's best B match; the r_l A tokens with the highest best score merge into their matches;
 - merge by size-weighted average: sum of x * size and of size per group, then divide; sizes add up;
 - output order: the kept A tokens in their original order (CLS first), then every B token in order;
@@ -124,6 +125,18 @@ class Matching(NamedTuple):
     merged_into: torch.Tensor
 
 
+def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Unit vectors a [B, n, c], b [B, m, c] -> |a_i - b_j|^2 [B, n, m] = 2 - 2 cos(a_i, b_j).
+
+    The same order as the cosine scores A . B^T (reversed), but formed from the differences: cosine scores of
+    similar tokens crowd just below 1, where float32 resolves only 6e-8 and two backends' rounding reorders them;
+    their distances keep full relative precision (e.g. 0.99987465 vs 0.99987453 as scores, 0.015832 vs 0.015843
+    as distances, on the demo digits).
+    """
+    difference = a[:, :, None, :] - b[:, None, :, :]
+    return (difference * difference).sum(-1)
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     """metric [B, t, c] -> the r merges of ToMe's bipartite matching, CLS (token 0) protected.
 
@@ -134,9 +147,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     candidates = a.shape[1] - 1  # A tokens besides CLS
-    scores = a[:, 1:] @ b.transpose(-1, -2)  # [B, nA - 1, nB]
-    best_score, best_b = scores.max(dim=-1)  # first maximum: the lower B index among equal scores
-    rank = descending_ranks(best_score)  # [B, nA - 1]
+    distance = cosine_distances(a[:, 1:], b)  # [B, nA - 1, nB]
+    closest, best_b = distance.min(dim=-1)  # first minimum: the lower B index among equal scores
+    rank = descending_ranks(-closest)  # [B, nA - 1]: the highest cosine score first
     slots = torch.arange(candidates, device=metric.device, dtype=torch.float32)
     # Row k of each one-hot matrix marks the candidate that fills output slot k.
     merged = rank[:, None, :] == slots[:r, None]  # [B, r, nA - 1]

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from compress.errors import PipelineError
-from compress.tome import MERGE_FLAVOURS, TIE_RULE, ToMeViT, merges_in_block, parse_r_schedule, token_counts
+from compress.tome import (MERGE_FLAVOURS, TIE_RULE, ToMeViT, check_schedule_merges, merges_in_block, parse_r_schedule,
+                          token_counts)
 from export.deploy import FLOAT32_NORMS, PRECISIONS, Float32Norm
 from export.environment import tensorrt_major
 from export.onnx_export import MIN_OPSET
@@ -124,7 +125,10 @@ class ToMeExport:
         self.r = r if isinstance(r, int) else tuple(r)
 
     def schedule(self, model: ToMeViT) -> tuple[int, ...]:
-        return parse_r_schedule(self.r, len(model.blocks))
+        """The r of every block; ToMeError for an r the model's token count cannot merge."""
+        schedule = parse_r_schedule(self.r, len(model.blocks))
+        check_schedule_merges(model.num_patches + 1, schedule)
+        return schedule
 
     def deploy_copy(self, model: ToMeViT, precision: str) -> ToMeViT:
         """An eval-mode copy at this r (``model`` is left unchanged); float16 "mixed" for precision fp16."""
