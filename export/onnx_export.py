@@ -56,7 +56,12 @@ def torchscript_export(module: nn.Module, images: torch.Tensor, opset: int, name
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (images,), buffer, dynamo=False, opset_version=opset, input_names=["images"],
                               output_names=names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-                              custom_opsets=custom_opsets)
+                              custom_opsets=custom_opsets,
+                              # PRESERVE (the module is in eval mode) exports the same graph as EVAL but does not
+                              # fold BatchNorm into the convolution before it: float32 and float16 graphs (whose
+                              # BatchNorm runs in float32 behind a Cast) then share the convolution weights, which
+                              # INT8's Q/DQ transplant needs. ONNX Runtime and TensorRT fold it when they build.
+                              training=torch.onnx.TrainingMode.PRESERVE)
     except Exception as exc:  # the exporter raises many types; none of them is useful beyond its first line
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise PipelineError(f"ONNX export failed (opset {opset}): {first_line}") from None

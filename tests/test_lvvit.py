@@ -308,14 +308,24 @@ def test_small_lvvit_exports_in_both_gather_flavours_and_matches_pytorch(keep):
         np.testing.assert_array_equal(a, b)
 
 
+def conv_weights(proto: onnx.ModelProto) -> list[np.ndarray]:
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return [arrays[node.input[1]].astype(np.float32) for node in proto.graph.node if node.op_type == "Conv"]
+
+
 def test_small_lvvit_fp16_graph_keeps_batchnorm_in_float32_and_stays_close():
     model = tiny_lvvit(img_size=96)
     model.load_state_dict(seeded_state_dict(model.state_dict(), 9))
     proto = export_onnx(deploy_copy(model, 0.7, "fp16"), "native", batch_size=2)
-    # float32 graphs fold BatchNorm into the convolutions; float16 ones keep the three BatchNorms, in float32
+    float32_proto = export_onnx(deploy_copy(model, 0.7), "native", batch_size=2)
     scales = [node.input[1] for node in proto.graph.node if node.op_type == "BatchNormalization"]
     kinds = {t.name: t.data_type for t in proto.graph.initializer}
     assert len(scales) == 3 and all(kinds[name] == onnx.TensorProto.FLOAT for name in scales)
+    # Neither graph folds BatchNorm into the convolutions, so both carry the same convolution weights: INT8
+    # calibrates on the float32 graph and moves its quantised weights onto the float16 one.
+    assert sum(node.op_type == "BatchNormalization" for node in float32_proto.graph.node) == 3
+    for half, full in zip(conv_weights(proto), conv_weights(float32_proto), strict=True):
+        np.testing.assert_allclose(half, full, rtol=1e-3, atol=1e-6)
     images = torch.randn(2, 3, 96, 96)
     logits, _ = pytorch_reference(model, images)
     assert np.abs(run_graph(proto, images)[0] - logits).max() < 2e-2
