@@ -175,6 +175,15 @@ def test_small_lvvit_checkpoint_round_trips_with_inferred_architecture(tmp_path)
         torch.testing.assert_close(loaded.forward_pruned(images), model.forward_pruned(images), atol=0, rtol=0)
 
 
+def test_backbone_only_lvvit_weights_load_with_new_prediction_modules(tmp_path):
+    model = tiny_lvvit(patch_size=8)
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("score_predictor.")}
+    torch.save(backbone, tmp_path / "backbone.pth")
+    loaded = load_dynamicvit(tmp_path / "backbone.pth")
+    assert any("prediction modules newly initialised" in note for note in loaded.notes)
+    assert torch.equal(loaded.model.patch_embed.bn1.running_var, model.patch_embed.bn1.running_var)
+
+
 # ----------------------------------------------------------------------------- the method on LV-ViT
 
 
