@@ -19,7 +19,8 @@ import torch
 from compress.dynamicvit import DEIT_HEAD_DIM, PREDICTOR_PREFIX, DynamicViTBase
 from compress.errors import CheckpointError, PipelineError
 from compress.files import atomic_write, current_umask
-from compress.models import DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, families, model_from_config, supported_models
+from compress.models import (DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, families, model_from_config,
+                             supported_models, variants)
 
 _SHOW_KEYS = 5
 
@@ -81,6 +82,15 @@ def _first(keys, limit: int = _SHOW_KEYS) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def head_count_assumed(config: DynamicViTConfig) -> bool:
+    """True when the weights matched no registered variant, so the head count (which weights do not record) was
+    assumed by the family's rule rather than taken from a variant."""
+    heads = config.backbone_kwargs.get("num_heads")
+    return heads is not None and not any(
+        spec.backbone_kwargs.get("num_heads") == heads and spec.backbone_kwargs.get("embed_dim") ==
+        config.backbone_kwargs.get("embed_dim") for spec in variants(config.family))
+
+
 def check_weights_match(model: DynamicViTBase, weights: dict[str, torch.Tensor], source: str) -> bool:
     """Raise CheckpointError naming the first offending keys; return True when only predictors are missing."""
     expected = model.state_dict()
@@ -130,7 +140,7 @@ def load_dynamicvit(
             config = config_for(model_name, DEFAULT_KEEP_RATIO, inferred.pruning_locations, **sizes)
         else:
             config = inferred
-            if "num_heads" in config.backbone_kwargs and config.family == "deit" and config.backbone == "vit_base_patch16_224":
+            if head_count_assumed(config):
                 notes.append(
                     f"architecture read from weights; head count assumed width/{DEIT_HEAD_DIM} "
                     f"= {config.backbone_kwargs['num_heads']} (pass --model if that is wrong)"

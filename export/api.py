@@ -260,6 +260,8 @@ def prepare(request: ExportRequest) -> tuple[ExportSubject, object, dict | None]
                                              request.tocom_scale)
         return subject, method, tocom
     subject = load_subject(request.checkpoint, request.model)
+    if request.keep is not None:  # the loader's "no training keep ratio recorded" note does not apply
+        subject.notes = [note for note in subject.notes if "no training keep ratio" not in note]
     keep = request.keep if request.keep is not None else subject.model.keep_ratio
     subject.model.stage_keep_counts(keep)  # a keep that keeps no token: refused before any work
     tocom = None
