@@ -266,3 +266,34 @@ def test_demo_model_is_the_default_and_int8_validates_on_its_test_images(tmp_pat
         assert real["finite"] and real["top1_agreement"] >= 0.95, (role, real)
     calibration = json.dumps(manifest["validation"]["onnx_int8"]["int8"])
     assert "hash" in calibration and "size" in calibration
+
+
+def test_val_data_judges_reduced_precision_on_real_images_and_a_broken_int8_graph_fails(tmp_path):
+    """--val-data: real images (here the demo digits as a .npy, preprocessed) judge fp16 and INT8 by top-1
+    agreement; an INT8 graph whose Q/DQ scales are broken fails that gate through the export's own check."""
+    from calibration.data import load_calibration_data
+    from export.api import ValidationFailed, check_graph, demo_subject
+    from export.methods import DynamicViTExport
+
+    subject = demo_subject()
+    images = subject.real_images["demo-test"].numpy()
+    np.save(tmp_path / "val.npy", images)
+    out = tmp_path / "out"
+    result = run_build("--keep", "0.7", "--fp16", "--int8", "--calib-data", "demo", "--val-data", tmp_path / "val.npy",
+                       "--backend", "ort", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = manifest_of(out)
+    assert "val-data" in manifest["validation_inputs"] and "calib-data" not in manifest["validation_inputs"]
+    for role in ("onnx_fp16", "onnx_int8"):
+        judged = {c["inputs"]: c for c in manifest["validation"][role]["comparisons"]}["val-data"]
+        assert judged["min_top1_agreement"] == 0.95 and judged["top1_agreement"] >= 0.95 and judged["passed"]
+    int8 = onnx.load(str(out / "model_native_int8.debug.onnx"))
+    scales = {n.input[1] for n in int8.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    for tensor in int8.graph.initializer:
+        if tensor.name in scales:
+            values = onnx.numpy_helper.to_array(tensor)
+            tensor.CopyFrom(onnx.numpy_helper.from_array((values * 50).astype(values.dtype), tensor.name))
+    method = DynamicViTExport(0.7)
+    val = {"val-data": torch.from_numpy(load_calibration_data(str(tmp_path / "val.npy"), subject.model)[0])}
+    with pytest.raises(ValidationFailed, match="top-1 agreement"):
+        check_graph(int8, int8, method.reference(subject.model), val, "int8", "onnx_int8", "x.onnx", "native", [1])
