@@ -100,11 +100,15 @@ def descending_ranks(values: torch.Tensor) -> torch.Tensor:
 
     rank_i = #{j : v_j > v_i} + #{j < i : v_j == v_i}: a stable descending sort written as comparison counts.
     """
-    n = values.shape[-1]
-    later = torch.ones(n, n, device=values.device).tril(-1).bool()  # later[i, j]: j < i
     above = values[..., None, :] > values[..., :, None]  # [B, i, j]: v_j > v_i
-    tied_before = (values[..., None, :] == values[..., :, None]) & later
+    tied_before = (values[..., None, :] == values[..., :, None]) & lower_index(values.shape[-1], values.device)
     return (above | tied_before).float().sum(-1)
+
+
+def lower_index(n: int, device: torch.device | None = None) -> torch.Tensor:
+    """[n, n] bool, [i, j] = j < i (from two ranges: exported as Range and Less, no triangular-matrix op)."""
+    index = torch.arange(n, device=device)
+    return index[None, :] < index[:, None]
 
 
 def positions_of(one_hot: torch.Tensor) -> torch.Tensor:
@@ -158,7 +162,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     kept_a = torch.zeros_like(merged_candidates[:, :1])  # CLS
     if r < candidates:  # (a static decision: empty tensors are best kept out of exported graphs)
         is_kept = (rank >= r).float()  # [B, nA - 1]
-        kept_before = is_kept @ torch.ones(candidates, candidates, device=metric.device).triu(1)
+        kept_before = is_kept @ lower_index(candidates, metric.device).T.float()  # kept candidates with a lower index
         kept = (kept_before[:, None, :] == slots[: candidates - r, None]) & is_kept.bool()[:, None, :]
         kept_a = torch.cat([kept_a, positions_of(kept) + 1], dim=1)
     return Matching(kept_a, merged_candidates + 1, merged_into)
