@@ -110,27 +110,37 @@ def gumbel_keep_decision(log_probs: torch.Tensor, previous_decision: torch.Tenso
     return F.gumbel_softmax(log_probs, hard=True)[..., 0] * previous_decision
 
 
+def attention_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A timm ``Attention``'s normed queries, keys and values: x [B, T, C] -> q, k, v [B, heads, T, head_dim]."""
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def attention_output(attn: nn.Module, weights: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Attention weights [B, heads, T, T] applied to v [B, heads, T, head_dim], then the projection -> [B, T, C]."""
+    out = (attn.attn_drop(weights) @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        out = out * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
 def attention_forward(attn: nn.Module, x: torch.Tensor, decision: torch.Tensor | None = None) -> torch.Tensor:
     """A timm ``Attention`` with the softmax in float32: masked by ``decision`` [B, T] (training) or plain.
 
     x: [B, T, C]. Used by the training forward (dropped tokens stay, attention masking) and by the
     export, where a float16 graph must still normalise attention in float32.
     """
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = attention_heads(attn, x)
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if decision is None:
         weights = logits.float().softmax(dim=-1).to(logits.dtype)
     else:
         weights = masked_attention_softmax(logits, decision)
-    out = (attn.attn_drop(weights) @ v).transpose(1, 2).reshape(batch, tokens, -1)
-    out = getattr(attn, "norm", nn.Identity())(out)
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        out = out * gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(out))
+    return attention_output(attn, weights, v, x)
 
 
 def block_forward(block: nn.Module, x: torch.Tensor, decision: torch.Tensor | None = None) -> torch.Tensor:

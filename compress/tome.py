@@ -37,7 +37,7 @@ from timm.models.vision_transformer import VisionTransformer
 from compress.checkpoint import infer_config, read_checkpoint_file
 from compress.complexity import block_macs
 from compress.dynamicvit import (ADOPTED_BACKBONE_PARTS, DEIT_HEAD_DIM, FAMILY, PREDICTOR_PREFIX, DynamicViT,
-                                 build_deit, check_backbone)
+                                 attention_heads, attention_output, build_deit, check_backbone)
 from compress.errors import CheckpointError, PipelineError
 from compress.registry import DynamicViTConfig, UnknownModel, config_for
 
@@ -213,17 +213,12 @@ def attention_with_keys(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | N
     """A timm ``Attention`` with proportional attention: x [B, t, C], size [B, t, 1] or None (all ones) ->
     (output [B, t, C], keys averaged over heads [B, t, head_dim]). The softmax (and the log(size) bias) is
     float32, so a float16 graph still normalises attention in float32."""
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = attention_heads(attn, x)
     logits = ((q * attn.scale) @ k.transpose(-2, -1)).float()
     if size is not None:
         logits = logits + size.log()[:, None, None, :, 0]
     weights = logits.softmax(dim=-1).to(v.dtype)
-    out = (attn.attn_drop(weights) @ v).transpose(1, 2).reshape(batch, tokens, -1)
-    out = getattr(attn, "norm", nn.Identity())(out)
-    return attn.proj_drop(attn.proj(out)), k.mean(dim=1)
+    return attention_output(attn, weights, v, x), k.mean(dim=1)
 
 
 # ----------------------------------------------------------------------------- the model

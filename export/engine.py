@@ -35,8 +35,8 @@ from export.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR,
 from export.environment import INSTALL_HINT, target_facts, tensorrt_unavailable_reason
 from export.golden import GoldenSet, debug_role, load_golden, sha256_of, verified_path
 import trt_plugins
-from export.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine, plan_engine, portability_problem,
-                                    timing_cache_path)
+from export.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine, minimum_version_problem, plan_engine,
+                                    portability_problem, timing_cache_path)
 
 EXIT_DISAGREES = 1
 # Graphs of folders written before artefact entries recorded their precision.
@@ -207,6 +207,9 @@ def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSe
     graphs = checked_graphs(folder, manifest)
     prepare_tensorrt(graphs)
     here = target_facts()
+    too_old = minimum_version_problem(manifest, here["tensorrt"])
+    if too_old:
+        raise TensorRTError(too_old)
     cache = timing_cache_path(timing_cache_dir or folder.parent, here)
     engines = {}
     for precision in manifest.get("precision", ["fp32"]):

@@ -42,12 +42,15 @@ class ExportGraph(nn.Module):
         return (logits.float(), *kept)
 
 
-def torchscript_export(module: nn.Module, images: torch.Tensor, opset: int, names: list[str], dynamic_axes: dict | None,
-                       custom_opsets: dict | None = None) -> onnx.ModelProto:
-    """``torch.onnx.export`` (TorchScript exporter) to a ModelProto named as this tool's; a failure is one line.
+def torchscript_export(module: nn.Module, images: torch.Tensor, opset: int, names: list[str], dynamic_batch: bool,
+                       custom_opsets: dict | None = None, strict_shapes: bool = True) -> onnx.ModelProto:
+    """``torch.onnx.export`` (TorchScript exporter) of ``module`` on ``images`` (input ``images``, outputs ``names``,
+    the batch axis dynamic or not) to a checked, shape-inferred ModelProto named as this tool's.
 
-    The exporter's own failures carry the whole TorchScript graph (often 100 KB): only their first line is kept.
+    Any failure is one line: the exporter's own failures carry the whole TorchScript graph (often 100 KB), so only
+    their first line is kept. ``strict_shapes`` False for graphs with custom ops whose shapes ONNX cannot infer.
     """
+    dynamic_axes = {name: {0: "batch"} for name in ["images", *names]} if dynamic_batch else None
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -68,7 +71,11 @@ def torchscript_export(module: nn.Module, images: torch.Tensor, opset: int, name
     proto = onnx.load_from_string(buffer.getvalue())
     proto.producer_name = "vit-prune-deploy"
     proto.producer_version = package_version()  # this tool's version (the exporter sets torch's)
-    return proto
+    try:
+        onnx.checker.check_model(proto)
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=strict_shapes)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise PipelineError(f"exported ONNX failed onnx.checker/shape inference: {exc}") from None
 
 
 def output_names(num_stages: int, with_indices: bool) -> list[str]:
@@ -90,12 +97,6 @@ def export_onnx(
     images = torch.randn(batch_size, *model.image_shape)
     stages = len(model.stage_keep_counts())
     names = output_names(stages, with_indices)
-    dynamic_axes = {name: {0: "batch"} for name in ["images", *names]} if dynamic_batch else None
-    proto = torchscript_export(graph, images, opset, names, dynamic_axes,
-                               custom_opsets={"trt.plugins": 1} if flavour == "plugin" else None)
-    try:
-        onnx.checker.check_model(proto)
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=flavour == "native")
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise PipelineError(f"exported ONNX failed onnx.checker/shape inference: {exc}") from None
-    return proto
+    return torchscript_export(graph, images, opset, names, dynamic_batch,
+                              custom_opsets={"trt.plugins": 1} if flavour == "plugin" else None,
+                              strict_shapes=flavour == "native")

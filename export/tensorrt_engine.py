@@ -63,6 +63,28 @@ class EnginePlan:
         return asdict(self)
 
 
+def version_tuple(version: str) -> tuple[int, int]:
+    """(10, 3) for '10.3.0.30'; TensorRTError for anything that is not a version string."""
+    try:
+        major, minor = (int(part) for part in (str(version).split(".") + ["0"])[:2])
+    except ValueError:
+        raise TensorRTError(f"not a TensorRT version: {version!r}") from None
+    return major, minor
+
+
+def minimum_version_problem(manifest: dict, tensorrt_version: str) -> str | None:
+    """Why this TensorRT is too old for the export's graph flavour (None: it is new enough).
+
+    A method records the oldest TensorRT per flavour in ``manifest["method"]["min_tensorrt_version"]`` (ToMe's
+    scatter flavour needs TensorRT's ScatterElements plugin, from 10.0).
+    """
+    flavour = manifest.get("gather", "native")
+    minimum = (manifest.get("method") or {}).get("min_tensorrt_version", {}).get(flavour)
+    if minimum is None or version_tuple(tensorrt_version) >= version_tuple(minimum):
+        return None
+    return f"the {flavour} graphs need TensorRT {minimum} or newer, this is {tensorrt_version}"
+
+
 def plan_engine(tensorrt_version: str, precision: str, gather: str = "native",
                 default_flavour: str = "native") -> EnginePlan:
     """The build decisions for a TensorRT version, a precision and a token-selection flavour (pure).

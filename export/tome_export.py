@@ -17,8 +17,6 @@ the merge sums and sizes, the weighted average, the attention softmax and the no
 from __future__ import annotations
 
 import copy
-import io
-import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -30,8 +28,8 @@ from compress.errors import PipelineError
 from compress.tome import (MERGE_FLAVOURS, TIE_RULE, ToMeViT, check_schedule_merges, merges_in_block, parse_r_schedule,
                           token_counts)
 from export.deploy import FLOAT32_NORMS, PRECISIONS, Float32Norm
-from export.environment import tensorrt_major
-from export.onnx_export import MIN_OPSET
+from export.onnx_export import MIN_OPSET, torchscript_export
+from export.tensorrt_engine import minimum_version_problem
 
 Reference = tuple[np.ndarray, list[np.ndarray]]
 MIN_SCATTER_OPSET = 16  # ScatterElements' "add" reduction; torch writes an overwriting scatter below it
@@ -52,14 +50,10 @@ def check_flavour(flavour: str) -> str:
 
 def check_tensorrt_version(flavour: str, version: str) -> None:
     """ToMeExportError when TensorRT ``version`` ('10.3.0.30') is older than the flavour's minimum."""
-    wanted = tuple(int(part) for part in MIN_TENSORRT_VERSION[check_flavour(flavour)].split("."))
-    try:
-        have = tuple(int(part) for part in str(version).split(".")[:2])
-    except ValueError:
-        raise ToMeExportError(f"not a TensorRT version: {version!r}") from None
-    if tensorrt_major(version) < wanted[0] or have < wanted:
-        raise ToMeExportError(f"the ToMe {flavour} graph needs TensorRT {MIN_TENSORRT_VERSION[flavour]} or newer, "
-                              f"this is {version}")
+    manifest = {"gather": check_flavour(flavour), "method": {"min_tensorrt_version": MIN_TENSORRT_VERSION}}
+    problem = minimum_version_problem(manifest, version)
+    if problem:
+        raise ToMeExportError(f"ToMe: {problem}")
 
 
 def to_mixed_float16(model: ToMeViT) -> ToMeViT:
@@ -96,21 +90,7 @@ def merging_blocks(num_tokens: int, schedule: Sequence[int]) -> list[int]:
 def export_module(graph: nn.Module, images: torch.Tensor, output_names: list[str], dynamic_batch: bool,
                   opset: int) -> onnx.ModelProto:
     """TorchScript ONNX export of ``graph`` on ``images`` (input ``images``), checked and shape-inferred."""
-    dynamic_axes = {name: {0: "batch"} for name in ["images", *output_names]} if dynamic_batch else None
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        # The TorchScript exporter warns about its own deprecation and about timm's shape asserts,
-        # which are constants for a fixed image size.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (images,), buffer, dynamo=False, opset_version=opset, input_names=["images"],
-                          output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
-    proto = onnx.load_from_string(buffer.getvalue())
-    proto.producer_name = "vit-prune-deploy"
-    try:
-        onnx.checker.check_model(proto)
-        return onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ToMeExportError(f"exported ONNX failed onnx.checker/shape inference: {exc}") from None
+    return torchscript_export(graph, images, opset, output_names, dynamic_batch)
 
 
 class ToMeExport:

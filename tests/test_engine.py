@@ -287,3 +287,12 @@ def test_engines_build_check_time_and_publish(export_folder, tmp_path):
         assert {c["batch"] for c in facts["comparisons"]} == {1, 2, 4}
         assert facts["timing"]["2"]["device_ms"]["median"] > 0
         assert facts["timing"]["2"]["end_to_end_ms"]["median"] >= facts["timing"]["2"]["device_ms"]["median"]
+
+
+def test_engine_stage_refuses_a_tensorrt_older_than_the_flavour_needs():
+    from export.tensorrt_engine import minimum_version_problem
+
+    manifest = {"gather": "scatter", "method": {"method": "tome", "min_tensorrt_version": {"scatter": "10.0"}}}
+    assert minimum_version_problem(manifest, "10.3.0.30") is None and minimum_version_problem(manifest, "11.1") is None
+    assert "need TensorRT 10.0 or newer, this is 8.6.1" in minimum_version_problem(manifest, "8.6.1")
+    assert minimum_version_problem({"gather": "native", "method": {"method": "dynamicvit"}}, "8.6.1") is None

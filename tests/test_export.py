@@ -297,3 +297,22 @@ def test_val_data_judges_reduced_precision_on_real_images_and_a_broken_int8_grap
     val = {"val-data": torch.from_numpy(load_calibration_data(str(tmp_path / "val.npy"), subject.model)[0])}
     with pytest.raises(ValidationFailed, match="top-1 agreement"):
         check_graph(int8, int8, method.reference(subject.model), val, "int8", "onnx_int8", "x.onnx", "native", [1])
+
+
+def test_tome_exports_through_the_same_pipeline_and_refuses_dynamicvit_options(tmp_path):
+    out = tmp_path / "tome"
+    result = run_build("--tome-r", "8", "--fp16", "--backend", "ort", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = manifest_of(out)
+    assert manifest["method"]["method"] == "tome" and manifest["method"]["r"] == 8
+    assert manifest["tokens"]["tokens_per_block"][0] == 65 and manifest["keep_ratio"] is None
+    assert {"onnx", "onnx_debug", "onnx_fp16", "golden", "trtexec"} <= {a["role"] for a in manifest["artifacts"]}
+    fp32 = manifest["validation"]["onnx"]["comparisons"]
+    assert all(c["passed"] and c["kept_sets_identical"] and c["max_abs_error"] <= 1e-4 for c in fp32)
+    assert "at r 8 (tokens 65 -> 17)" in result.stdout and "PASSED" in result.stdout
+    for extra, fragment in ((["--tome-r", "8", "--keep", "0.5"], "--keep is DynamicViT's keep ratio"),
+                            (["--tome-flavour", "scatter"], "do nothing without --tome-r"),
+                            (["--tome-r", "8", "--gather", "plugin"], "--gather is DynamicViT's")):
+        bad = run_build(*extra, "--out", tmp_path / "bad")
+        assert bad.returncode == 2 and fragment in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
