@@ -10,6 +10,28 @@ import torch
 from compress import create_dynamicvit
 
 
+def assert_masked_forward_matches_pruned(model, images: torch.Tensor) -> None:
+    """The training forward (dropped tokens stay, attention masking) driven by inference's top-k choices gives
+    inference's logits and kept sets, for any family. Dropped tokens still receive eps/N of attention and kept
+    tokens see dropped values at that weight, so the two differ by O(1e-6); 1e-4 absolute bounds that with margin.
+    """
+    from compress.token_select import top_k_decision
+
+    counts = model.stage_keep_counts()
+
+    def topk(log_probs, previous, stage):
+        return top_k_decision(log_probs[..., 0], previous, counts[stage])
+
+    with torch.no_grad():
+        logits, kept = model.forward_pruned(images, return_indices=True)
+        masked = model.forward_masked(images, decide=topk)
+    torch.testing.assert_close(masked.logits, logits, atol=1e-4, rtol=0)
+    for decision, positions in zip(masked.stage_decisions, kept):
+        for row in range(len(images)):
+            assert set(decision[row].nonzero().flatten().tolist()) == set(positions[row].tolist())
+    assert masked.patch_tokens.shape == (len(images), model.num_patches, model.embed_dim)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

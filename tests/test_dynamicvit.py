@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from compress import create_dynamicvit
 from compress.complexity import analytic_macs, vit_shape
-from compress.token_select import top_k_decision
+from conftest import assert_masked_forward_matches_pruned
 
 PREDICTOR_KEYS = {
     f"score_predictor.{stage}.{layer}.{kind}"
@@ -51,25 +51,8 @@ def test_pruned_forward_keeps_spec_counts_and_maps_indices_to_patch_grid(tiny_mo
 
 
 def test_masked_forward_driven_by_topk_equals_pruned_forward(tiny_model):
-    """The training forward (attention masking) with inference's choices gives inference's logits.
-
-    Dropped tokens still receive eps/N of attention and kept tokens see dropped values at that
-    weight, so the two differ by O(1e-6); 1e-4 absolute on logits bounds that with margin.
-    """
-    images = torch.randn(3, 3, 224, 224)
-    counts = tiny_model.stage_keep_counts()
-
-    def topk(log_probs, previous, stage):
-        return top_k_decision(log_probs[..., 0], previous, counts[stage])
-
-    with torch.no_grad():
-        logits, kept = tiny_model.forward_pruned(images, return_indices=True)
-        masked = tiny_model.forward_masked(images, decide=topk)
-    torch.testing.assert_close(masked.logits, logits, atol=1e-4, rtol=0)
-    for decision, positions in zip(masked.stage_decisions, kept):
-        for row in range(3):
-            assert set(decision[row].nonzero().flatten().tolist()) == set(positions[row].tolist())
-    assert masked.patch_tokens.shape == (3, 196, 192)
+    """The training forward (attention masking) with inference's choices gives inference's logits."""
+    assert_masked_forward_matches_pruned(tiny_model, torch.randn(3, 3, 224, 224))
 
 
 def test_gradients_reach_every_prediction_module_through_gumbel():

@@ -23,7 +23,7 @@ from compress.errors import CheckpointError
 from compress.losses import dynamicvit_loss
 from compress.lvvit import DynamicLVViT, token_label_logits
 from compress.models import UnknownModel, config_for, create_model, model_from_config
-from compress.token_select import top_k_decision
+from conftest import assert_masked_forward_matches_pruned
 from export.deploy import deploy_copy
 from export.onnx_export import export_onnx
 from export.validate import onnxruntime_session, pytorch_reference
@@ -197,21 +197,8 @@ def test_aux_head_max_runs_over_kept_patch_tokens_only():
 
 def test_masked_forward_driven_by_topk_equals_pruned_forward():
     """Training's forward (dropped tokens stay; attention masking; aux max over kept tokens) with inference's
-    choices gives inference's logits; dropped tokens still get eps/N of attention, hence 1e-4."""
-    model = tiny_lvvit(img_size=96)
-    images = torch.randn(3, 3, 96, 96)
-    counts = model.stage_keep_counts()
-
-    def topk(log_probs, previous, stage):
-        return top_k_decision(log_probs[..., 0], previous, counts[stage])
-
-    with torch.no_grad():
-        logits, kept = model.forward_pruned(images, return_indices=True)
-        masked = model.forward_masked(images, decide=topk)
-    torch.testing.assert_close(masked.logits, logits, atol=1e-4, rtol=0)
-    for decision, positions in zip(masked.stage_decisions, kept):
-        for row in range(3):
-            assert set(decision[row].nonzero().flatten().tolist()) == set(positions[row].tolist())
+    choices gives inference's logits."""
+    assert_masked_forward_matches_pruned(tiny_lvvit(img_size=96), torch.randn(3, 3, 96, 96))
 
 
 def test_training_forward_sends_gradients_to_every_prediction_module_and_the_stem():
