@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import math
+import signal
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from compress.errors import PipelineError
 
@@ -30,6 +31,17 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def exit_from_cli(main: Callable[[Sequence[str] | None], int | None]) -> NoReturn:
+    """The ``__main__`` entry of every CLI: ``run_cli(main)``, then exit with its code.
+
+    Once the work is done, Ctrl-C is ignored: a late one arriving while the interpreter shuts down would
+    otherwise turn a finished, published run into a KeyboardInterrupt exit.
+    """
+    code = run_cli(main)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

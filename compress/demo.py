@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from compress.checkpoint import atomic_torch_save, read_checkpoint_file
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, run_cli
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, exit_from_cli
 from compress.data import demo_dataset
 from compress.errors import PipelineError
 from compress.train import MODEL_NAME, TrainConfig, train
@@ -149,4 +149,4 @@ def ship(source: Path, target: Path, init: str, argv: Sequence[str] | None) -> N
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_from_cli(main)

@@ -10,7 +10,7 @@ import sys
 from typing import Sequence
 
 from compress.checkpoint import LoadedCheckpoint, load_dynamicvit
-from compress.cli import add_version_argument, keep_ratio_argument, parser_from_docstring, run_cli
+from compress.cli import add_version_argument, exit_from_cli, keep_ratio_argument, parser_from_docstring
 from compress.complexity import analytic_macs, vit_shape
 from compress.models import create_model
 from compress.token_select import TIE_RULE
@@ -55,4 +55,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_from_cli(main)

@@ -11,7 +11,7 @@ import argparse
 from typing import Sequence
 
 from compress import train
-from compress.cli import run_cli
+from compress.cli import exit_from_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,4 +25,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_from_cli(main)

@@ -14,7 +14,7 @@ import sys
 from typing import Sequence
 
 from compress import tocom
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, run_cli
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, exit_from_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,4 +49,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_from_cli(main)

@@ -33,8 +33,14 @@ from torch.utils.data import DataLoader, Subset
 
 from compress import tocom, training
 from compress.checkpoint import load_dynamicvit
-from compress.cli import (HelpFormatter, add_version_argument, exit_codes_epilog, non_negative_int, number_list_argument,
-                          run_cli)
+from compress.cli import (
+    HelpFormatter,
+    add_version_argument,
+    exit_codes_epilog,
+    exit_from_cli,
+    non_negative_int,
+    number_list_argument,
+)
 from compress.data import DEMO_DATASET, DemoDigits, ShardSampler, build_datasets, build_loaders, image_folder_dataset, steps_per_epoch
 from compress.demo import demo_checkpoint_path
 from compress.dynamicvit import DynamicViT
@@ -499,4 +505,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_from_cli(main)

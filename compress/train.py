@@ -34,7 +34,7 @@ from torch.utils.data import Subset
 
 from compress import training
 from compress.checkpoint import atomic_torch_save, load_dynamicvit, read_checkpoint_file
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, number_list_argument, run_cli
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, exit_from_cli, number_list_argument
 from compress.data import DEMO_DATASET, build_datasets, build_loaders, build_mixup, steps_per_epoch
 from compress.dynamicvit import DEMO_VARIANT, PREDICTOR_PREFIX, DynamicViTBase
 from compress.errors import CheckpointError, PipelineError
@@ -661,4 +661,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    exit_from_cli(main)

@@ -9,7 +9,6 @@ Images come at the model's own input size and preprocessing from the demo test s
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +20,11 @@ from matplotlib.figure import Figure
 from compress.checkpoint import load_dynamicvit
 from compress.cli import (
     add_version_argument,
+    exit_from_cli,
     keep_ratio_argument,
     non_negative_int,
     parser_from_docstring,
     positive_int,
-    run_cli,
 )
 from compress.demo import demo_checkpoint_path
 from compress.files import atomic_write, prepare_output
@@ -127,4 +126,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_from_cli(main)

@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from compress.cli import add_version_argument, bounded, parser_from_docstring, run_cli
+from compress.cli import add_version_argument, bounded, exit_from_cli, parser_from_docstring
 from compress.errors import PipelineError
 from compress.files import atomic_write
 from export.engine import engine_problem, read_manifest
@@ -611,4 +611,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_from_cli(main)

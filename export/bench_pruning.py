@@ -25,11 +25,11 @@ import torch
 
 from compress.cli import (
     add_version_argument,
+    exit_from_cli,
     keep_ratio_argument,
     non_negative_int,
     parser_from_docstring,
     positive_int,
-    run_cli,
 )
 from compress.complexity import analytic_macs, vit_shape
 from compress.dynamicvit import create_dynamicvit
@@ -136,4 +136,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_from_cli(main)

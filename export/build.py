@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from compress.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, run_cli
+from compress.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, exit_from_cli
 from compress.tome import MERGE_FLAVOURS
 from export.api import BACKENDS, ExportRequest, ExportResult, ValidationFailed, export_model
 from export.compare import RANDOM_INPUTS
@@ -178,4 +178,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_from_cli(main)

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnx
 
-from compress.cli import add_version_argument, bounded, parser_from_docstring, run_cli
+from compress.cli import add_version_argument, bounded, exit_from_cli, parser_from_docstring
 from compress.errors import PipelineError
 from compress.files import atomic_write
 from export.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS,
@@ -363,4 +362,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_from_cli(main)

@@ -32,13 +32,13 @@ from calibration.data import (
 from calibration.int8 import Int8Options, quantize_for_export
 from compress.cli import (
     add_version_argument,
+    exit_from_cli,
     fraction_argument,
     keep_ratio_argument,
     non_negative_int,
     parser_from_docstring,
     positive_float,
     positive_int,
-    run_cli,
 )
 from compress.errors import PipelineError
 from compress.files import atomic_write, prepare_output
@@ -367,4 +367,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_from_cli(main)

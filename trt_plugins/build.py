@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, positive_int, run_cli
+from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, exit_from_cli, positive_int
 from compress.errors import PipelineError
 from trt_plugins import DEFAULT_BUILD_DIR, LIBRARY_NAMES, SOURCE_DIR
 
@@ -123,4 +123,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    exit_from_cli(main)
