@@ -18,7 +18,7 @@ import torch
 
 from compress.dynamicvit import DEIT_HEAD_DIM, PREDICTOR_PREFIX, DynamicViTBase
 from compress.errors import CheckpointError, PipelineError
-from compress.files import atomic_write, current_umask
+from compress.files import atomic_write
 from compress.models import (DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, families, model_from_config,
                              supported_models, variants)
 

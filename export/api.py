@@ -25,13 +25,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 import torch
 
 import trt_plugins
 from calibration.data import load_calibration_data
-from compress.images import check_image_sources
 from calibration.int8 import quantize_for_export, transplant_qdq
 from compress.checkpoint import load_dynamicvit
 from compress.cli import package_version
@@ -40,6 +38,7 @@ from compress.demo import demo_checkpoint_path
 from compress.dynamicvit import DynamicViTBase
 from compress.errors import PipelineError
 from compress.files import current_umask
+from compress.images import check_image_sources
 from compress.models import create_model
 from compress.tocom import merge_plugin_file, merge_tome_plugin_file
 from compress.tome import MERGE_FLAVOURS, create_tome, load_tome
