@@ -8,6 +8,14 @@ import pytest
 import torch
 
 from compress import create_dynamicvit
+from compress.data import DemoDigits
+
+
+def demo_batch(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``size`` images and labels of the demo digits' training split (real data, fixed placement)."""
+    data = DemoDigits("train", random_placement=False)
+    images, labels = zip(*(data[i] for i in range(size)))
+    return torch.stack(images), torch.tensor(labels)
 
 
 def assert_masked_forward_matches_pruned(model, images: torch.Tensor) -> None:

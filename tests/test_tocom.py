@@ -9,8 +9,8 @@ import torch
 from compress import create_dynamicvit, tocom
 from compress.checkpoint import save_dynamicvit
 from compress.cli import run_cli
-from compress.data import DemoDigits
 from compress.errors import PipelineError
+from conftest import demo_batch
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 GRID = tocom.DEFAULT_GRID
@@ -29,12 +29,6 @@ def randomised_plugin(model, std=0.5, **kwargs):
             for up in (layer.q_up, layer.v_up):
                 up.normal_(0.0, std)
     return plugin.eval()
-
-
-def demo_batch(size=32):
-    data = DemoDigits("train", random_placement=False)
-    images, labels = zip(*(data[i] for i in range(size)))
-    return torch.stack(images), torch.tensor(labels)
 
 
 # ----------------------------------------------------------------------------- coefficients

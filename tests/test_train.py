@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from compress import create_dynamicvit
 from compress.checkpoint import load_dynamicvit
 from compress.cli import run_cli
-from compress.data import DemoDigits, build_loaders
+from compress.data import build_loaders
 from compress.losses import (
     LossWeights,
     dynamicvit_loss,
@@ -31,6 +31,7 @@ from compress.training import (
     read_json_lines,
     scheduled_lr,
 )
+from conftest import demo_batch
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 TINY_FLAGS = ["--embed-dim", "32", "--depth", "4", "--num-heads", "2"]
@@ -38,12 +39,6 @@ TINY_FLAGS = ["--embed-dim", "32", "--depth", "4", "--num-heads", "2"]
 
 def tiny_model(keep_ratio=0.7):
     return create_dynamicvit("vit_small_patch16_224", keep_ratio, None, **TINY)
-
-
-def demo_batch(size=64):
-    data = DemoDigits("train", random_placement=False)
-    images, labels = zip(*(data[i] for i in range(size)))
-    return torch.stack(images), torch.tensor(labels)
 
 
 def tiny_config(tmp_path, **overrides):
