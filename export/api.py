@@ -237,9 +237,6 @@ def with_tocom(subject: ExportSubject, plugin: Path, keep: float, scale: float |
     return replace(subject, model=model), entry
 
 
-# --- validation inputs ------------------------------------------------------------------------------------------
-
-
 def with_tome_tocom(subject: ExportSubject, plugin: Path, r_train: int, r: int,
                     scale: float | None) -> tuple[ExportSubject, dict]:
     """A copy of a ToMe subject with ToCom(r_train -> r) folded into its qkv weights; and the manifest entry."""
@@ -267,6 +264,9 @@ def prepare(request: ExportRequest) -> tuple[ExportSubject, object, dict | None]
     if request.tocom is not None:
         subject, tocom = with_tocom(subject, request.tocom, keep, request.tocom_scale)
     return subject, DynamicViTExport(keep), tocom
+
+
+# --- validation inputs ------------------------------------------------------------------------------------------
 
 
 def validation_inputs(subject: ExportSubject, request: ExportRequest) -> tuple[dict[str, torch.Tensor], dict]:
