@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 
 _LAZY_NAMES = {
-    "REGISTERED_VARIANTS": "compress.dynamicvit",
     "DynamicViT": "compress.dynamicvit",
-    "DynamicViTConfig": "compress.dynamicvit",
+    "DynamicViTBase": "compress.dynamicvit",
+    "DynamicViTConfig": "compress.registry",
     "create_dynamicvit": "compress.dynamicvit",
-    "dynamicvit_from_config": "compress.dynamicvit",
+    "create_model": "compress.models",
+    "list_models": "compress.models",
+    "model_from_config": "compress.models",
     "TIE_RULE": "compress.token_select",
     "keep_counts": "compress.token_select",
     "select_tokens": "compress.token_select",

@@ -25,10 +25,6 @@ class VitShape:
     per_token_head_macs: int = 0  # a head applied to every final patch token (LV-ViT's aux_head)
 
 
-def vit_shape(model) -> VitShape:
-    """The shape of a model of any family (its ``cost_shape()``)."""
-    return model.cost_shape()
-
 
 def tokens_per_block(shape: VitShape, keep_ratio: float) -> list[int]:
     """Sequence length (CLS included) each block runs on."""

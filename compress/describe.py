@@ -11,7 +11,7 @@ from typing import Sequence
 
 from compress.checkpoint import LoadedCheckpoint, load_dynamicvit
 from compress.cli import add_version_argument, exit_from_cli, keep_ratio_argument, parser_from_docstring
-from compress.complexity import analytic_macs, vit_shape
+from compress.complexity import analytic_macs
 from compress.models import create_model
 from compress.token_select import TIE_RULE
 
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         loaded = load_dynamicvit(args.checkpoint, model_name=args.model, keep_ratio=args.keep)
     model = loaded.model
-    shape = vit_shape(model)
+    shape = model.cost_shape()
     pruned, dense = analytic_macs(shape, model.keep_ratio), analytic_macs(shape, 1.0)
     print(f"checkpoint   {args.checkpoint or '(none: random weights)'}")
     print(f"backbone     {model.config.backbone} {model.config.backbone_kwargs or ''}".rstrip())

@@ -29,7 +29,6 @@ from compress.registry import (
     ModelSpec,
     UnknownModel,
     create_model,
-    model_from_config,
     register_family,
     register_variant,
     unknown_model,
@@ -440,7 +439,3 @@ def create_dynamicvit(name: str = "dynamicvit_deit_small", keep_ratio: float | N
     """``compress.registry.create_model`` (kept under its first name: any registered variant or timm ViT name)."""
     return create_model(name, keep_ratio, pruning_locations, **backbone_kwargs)
 
-
-def dynamicvit_from_config(config: DynamicViTConfig) -> DynamicViTBase:
-    """Rebuild the model a checkpoint's config describes (weights are loaded separately)."""
-    return model_from_config(config)

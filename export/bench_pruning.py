@@ -31,7 +31,7 @@ from compress.cli import (
     parser_from_docstring,
     positive_int,
 )
-from compress.complexity import analytic_macs, vit_shape
+from compress.complexity import analytic_macs
 from compress.dynamicvit import create_dynamicvit
 from compress.files import atomic_write, prepare_output
 from export.deploy import deploy_copy
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_output(path.parent)  # an unwritable results file is refused before the timing, not after it
     torch.manual_seed(0)
     model = create_dynamicvit(args.model, keep_ratio=0.7).eval()
-    shape = vit_shape(model)
+    shape = model.cost_shape()
     rows = []
     keeps = [1.0, *args.keep]
     for batch in args.batch:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from compress import create_dynamicvit
-from compress.complexity import analytic_macs, vit_shape
+from compress.complexity import analytic_macs
 from conftest import assert_masked_forward_matches_pruned
 
 PREDICTOR_KEYS = {
@@ -32,7 +32,7 @@ def test_deit_base_parameter_count():
 
 
 def test_analytic_macs_match_paper_for_deit_small():
-    shape = vit_shape(create_dynamicvit("dynamicvit_deit_small"))
+    shape = create_dynamicvit("dynamicvit_deit_small").cost_shape()
     assert round(analytic_macs(shape, 1.0) / 1e9, 2) == 4.60
     assert round(analytic_macs(shape, 0.7) / 1e9, 2) == 2.98
     assert round(analytic_macs(shape, 0.6) / 1e9, 2) == 2.56

@@ -17,7 +17,7 @@ import torch
 from calibration.int8 import quantize_for_export, transplant_qdq
 from compress import tocom
 from compress.checkpoint import load_dynamicvit
-from compress.complexity import analytic_macs, vit_shape
+from compress.complexity import analytic_macs
 from compress.dynamicvit import gumbel_keep_decision
 from compress.errors import CheckpointError
 from compress.losses import dynamicvit_loss
@@ -246,7 +246,7 @@ def test_distillation_steps_with_the_project_loss_reduce_it_on_lvvit():
 
 
 def test_analytic_macs_include_the_stem_and_the_aux_head():
-    small, medium = vit_shape(meta_model("dynamicvit_lvvit_s")), vit_shape(meta_model("dynamicvit_lvvit_m"))
+    small, medium = meta_model("dynamicvit_lvvit_s").cost_shape(), meta_model("dynamicvit_lvvit_m").cost_shape()
     # conv1 7x7 3->64, conv2/conv3 3x3 64->64 at 112x112, proj 8x8 s8 64->384 on the 14x14 grid
     assert small.stem_macs == 112 * 112 * (3 * 64 * 49 + 2 * 64 * 64 * 9) + 196 * 64 * 384 * 64
     gmacs = {(shape_name, keep): round(analytic_macs(shape, keep) / 1e9, 2)
