@@ -123,3 +123,10 @@ def test_tiny_export_agrees_with_onnx_runtime(name, overrides):
     assert model.keep_ratio == variant(name).default_keep
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.explicit_attention
+
+
+def test_every_name_the_compress_package_offers_resolves():
+    import compress
+
+    for name in compress.__all__:
+        assert getattr(compress, name) is not None, name
