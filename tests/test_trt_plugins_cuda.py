@@ -17,8 +17,13 @@ pytestmark = [
 
 SENTINEL_INDEX = -7
 # (B, N, C, K): DeiT-S stages at B = 1 and a large batch, large N, K = 1 and K = N - 1, odd C (2-byte copy).
+# The kernel ranks by counting up to 512 patches and by a bitonic sort (padded to a power of two) from 513 to
+# 4096, by counting again above: shapes on both sides of each switch, K = N - 1 (padding must never be kept), the
+# benchmark's long sequence (8, 1025, 768, 512) and the largest sort (4096 patches, all kept).
 SHAPES = [(1, 197, 384, 137), (1, 197, 384, 98), (64, 197, 384, 48), (3, 1025, 64, 1), (2, 1025, 8, 1024),
-          (5, 50, 3, 20), (1, 2, 1, 1)]
+          (5, 50, 3, 20), (1, 2, 1, 1),
+          (1, 513, 8, 512), (2, 514, 16, 300), (3, 700, 3, 699), (8, 1025, 768, 512), (1, 4097, 4, 4096),
+          (2, 4098, 4, 64)]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,22 @@ def test_kernel_matches_reference(kernel, shape, tokens_dtype, scores_dtype, tie
     kept, indices = run_poisoned(kernel, tokens, scores, k)
     assert torch.equal(indices.long(), expected_indices)
     assert torch.equal(kept, expected_kept)
+
+
+@pytest.mark.parametrize("num_tokens", [197, 1025, 4097], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("scores_dtype", [torch.float32, torch.float16], ids=["sc32", "sc16"])
+def test_kernel_on_long_rows_of_ties(kernel, num_tokens, scores_dtype):
+    """Every score equal (the order is the index order), and three values with NaNs and infinities among them."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    tokens = torch.randn(2, num_tokens, 8, generator=generator)
+    choices = torch.tensor([0.5, float("nan"), -0.0, 0.0, float("inf"), float("-inf"), -1.0])
+    mixed = choices[torch.randint(len(choices), (num_tokens - 1,), generator=generator)]
+    scores = torch.stack([torch.full((num_tokens - 1,), 0.25), mixed]).to(scores_dtype)
+    for k in (1, (num_tokens - 1) // 2, num_tokens - 1):
+        kept, indices = run_poisoned(kernel, tokens, scores, k)
+        expected_kept, expected_indices = select_tokens(tokens, scores, k)
+        assert torch.equal(indices.long(), expected_indices), k
+        assert torch.equal(kept, expected_kept), k
 
 
 def test_kernel_without_indices_leaves_the_buffer_alone(kernel):

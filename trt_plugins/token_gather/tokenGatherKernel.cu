@@ -2,15 +2,24 @@
  * TokenGather CUDA kernel (see tokenGatherKernel.h and README.md).
  *
  * Design: one launch; grid = (batch, row chunks). Every block ranks its batch row's patch scores in shared
- * memory, then copies a contiguous chunk of the output rows.
+ * memory, then copies a contiguous chunk of the output rows. Two ways to rank, chosen per launch by N:
  *
- *   rank_i = #{ j : s_j > s_i  or  (s_j == s_i and j < i) }
+ * - Counting (N - 1 <= kCountingMaxPatches, and above kSortMaxPatches):
  *
- * is exactly the position of patch i in a stable descending sort, i.e. the project's tie rule (descending
- * score, equal scores: lower index first). Patch i goes to output slot 1 + rank_i when rank_i < K. Counting
- * costs O(N^2 / threads) compare-adds per block, all on broadcast shared-memory reads and with no
- * synchronisation inside the loop; for N ~ 200 that is well under a microsecond, so a sort (bitonic, radix)
- * would add code without making the op measurably faster at ViT sizes.
+ *     rank_i = #{ j : s_j > s_i  or  (s_j == s_i and j < i) }
+ *
+ *   is exactly the position of patch i in a stable descending sort, i.e. the project's tie rule (descending
+ *   score, equal scores: lower index first). Patch i goes to output slot 1 + rank_i when rank_i < K. It costs
+ *   O(N^2 / threads) compare-adds per block, all on broadcast shared-memory reads and with no synchronisation
+ *   inside the loop: well under a microsecond at N ~ 200.
+ *
+ * - Sorting (kCountingMaxPatches < N - 1 <= kSortMaxPatches): a bitonic sort of 64-bit keys in shared memory,
+ *   O(N log^2 N / threads) with one barrier per step. The key of patch i is (score key << 32) | (0xFFFFFFFF - i):
+ *   keys are unique, and descending key order is descending score with the lower index first among equal
+ *   scores, the same order as counting. The sort is padded to a power of two with key 0, below every real key
+ *   (the smallest score key is that of -inf, 0x007FFFFF), so padding never reaches the first K slots. At
+ *   N = 1025 counting repeated in every row chunk made the op 5x a copy of its output; sorting keeps the ranking
+ *   cost per block a few microseconds.
  *
  * Scores are compared as unsigned 32-bit keys whose order is the float order with -0 == +0 and every NaN
  * above +inf, which is what torch.sort(descending=True) does (the reference, compress/token_select.py):
@@ -20,8 +29,8 @@
  * The copy does not care about the element type: a row is rowBytes bytes moved with the widest access
  * (16, 8, 4 or 2 bytes) that divides the row size and the alignment of both base pointers, so float32 and
  * float16 tokens share one code path. For small batches the output rows of one batch entry are split over
- * several blocks (each re-ranks its row, which is cheap) so that B = 1 still uses many SMs; for large
- * batches one block per row already fills the GPU and the op runs at copy bandwidth.
+ * several blocks (each re-ranks its row) so that B = 1 still uses many SMs; for large batches one block per
+ * row already fills the GPU and the op runs at copy bandwidth.
  */
 #include "tokenGatherKernel.h"
 
@@ -34,6 +43,26 @@ namespace
 
 constexpr int32_t kCopyUnroll = 4;             // loads in flight per thread before their stores
 constexpr int32_t kMinBytesPerBlock = 8 * 1024; // below this, splitting a row costs more than it gains
+// Ranking by counting up to this many patches (ViTs at 224 px: 196), by sorting above it, up to kSortMaxPatches
+// (a 4096-key sort plus K slot indices fill the 48 KiB of shared memory exactly); counting again beyond that.
+constexpr int32_t kCountingMaxPatches = 512;
+constexpr int32_t kSortMaxPatches = 4096;
+
+bool ranksBySorting(int32_t numPatches)
+{
+    return numPatches > kCountingMaxPatches && numPatches <= kSortMaxPatches;
+}
+
+// Smallest power of two >= n (n >= 1).
+int32_t sortSize(int32_t n)
+{
+    int32_t size = 1;
+    while (size < n)
+    {
+        size <<= 1;
+    }
+    return size;
+}
 
 __device__ __forceinline__ float scoreToFloat(float s)
 {
@@ -57,18 +86,11 @@ __device__ __forceinline__ uint32_t orderedKey(float s)
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-template <typename ScoreT, typename VecT>
-__global__ void tokenGatherKernel(VecT const* __restrict__ tokens, ScoreT const* __restrict__ scores,
-    VecT* __restrict__ output, int32_t* __restrict__ indices, int32_t numTokens, int32_t keep, int32_t rowVecs,
-    int32_t rowsPerBlock)
+// slotSource[r] = patch index of output slot 1 + r, for r < keep, by counting (see the file comment).
+template <typename ScoreT>
+__device__ void rankByCounting(ScoreT const* rowScores, int32_t numPatches, int32_t keep, uint32_t* keys,
+    int32_t* slotSource)
 {
-    extern __shared__ uint32_t shared[];
-    int32_t const numPatches = numTokens - 1;
-    uint32_t* keys = shared;
-    int32_t* slotSource = reinterpret_cast<int32_t*>(shared + numPatches);
-
-    int32_t const b = blockIdx.x;
-    ScoreT const* rowScores = scores + static_cast<size_t>(b) * numPatches;
     for (int32_t i = threadIdx.x; i < numPatches; i += blockDim.x)
     {
         keys[i] = orderedKey(scoreToFloat(rowScores[i]));
@@ -94,6 +116,74 @@ __global__ void tokenGatherKernel(VecT const* __restrict__ tokens, ScoreT const*
         {
             slotSource[rank] = i;
         }
+    }
+}
+
+// The same slotSource by a descending bitonic sort of sortLength (a power of two >= numPatches) unique keys.
+template <typename ScoreT>
+__device__ void rankBySorting(ScoreT const* rowScores, int32_t numPatches, int32_t sortLength, int32_t keep,
+    unsigned long long* keys, int32_t* slotSource)
+{
+    for (int32_t i = threadIdx.x; i < sortLength; i += blockDim.x)
+    {
+        keys[i] = i < numPatches ? (static_cast<unsigned long long>(orderedKey(scoreToFloat(rowScores[i]))) << 32)
+                | static_cast<unsigned long long>(0xFFFFFFFFu - static_cast<uint32_t>(i))
+                                 : 0ull;
+    }
+    __syncthreads();
+
+    int32_t const pairs = sortLength / 2;
+    for (int32_t size = 2; size <= sortLength; size <<= 1)
+    {
+        for (int32_t stride = size / 2; stride > 0; stride >>= 1)
+        {
+            for (int32_t t = threadIdx.x; t < pairs; t += blockDim.x)
+            {
+                // Pair t compares elements lo and lo + stride, lo = t with a zero bit inserted at stride's place.
+                int32_t const lo = 2 * t - (t & (stride - 1));
+                int32_t const hi = lo + stride;
+                // Runs of length size alternate direction; the last merge (size == sortLength) is descending.
+                bool const descending = (lo & size) == 0;
+                unsigned long long const a = keys[lo];
+                unsigned long long const b = keys[hi];
+                if ((a < b) == descending)
+                {
+                    keys[lo] = b;
+                    keys[hi] = a;
+                }
+            }
+            __syncthreads();
+        }
+    }
+
+    for (int32_t r = threadIdx.x; r < keep; r += blockDim.x)
+    {
+        slotSource[r] = static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(keys[r]));
+    }
+}
+
+template <typename ScoreT, typename VecT>
+__global__ void tokenGatherKernel(VecT const* __restrict__ tokens, ScoreT const* __restrict__ scores,
+    VecT* __restrict__ output, int32_t* __restrict__ indices, int32_t numTokens, int32_t keep, int32_t rowVecs,
+    int32_t rowsPerBlock, int32_t sortLength)
+{
+    // Layout: the ranking keys (4 bytes per patch when counting, 8 per sorted element when sorting), then the
+    // slot sources; both key sizes keep the int32 array after them aligned.
+    extern __shared__ __align__(16) unsigned char shared[];
+    int32_t const numPatches = numTokens - 1;
+    int32_t const b = blockIdx.x;
+    ScoreT const* rowScores = scores + static_cast<size_t>(b) * numPatches;
+    int32_t* slotSource;
+    if (sortLength > 0)
+    {
+        slotSource = reinterpret_cast<int32_t*>(shared + static_cast<size_t>(sortLength) * sizeof(unsigned long long));
+        rankBySorting(rowScores, numPatches, sortLength, keep, reinterpret_cast<unsigned long long*>(shared),
+            slotSource);
+    }
+    else
+    {
+        slotSource = reinterpret_cast<int32_t*>(shared + static_cast<size_t>(numPatches) * sizeof(uint32_t));
+        rankByCounting(rowScores, numPatches, keep, reinterpret_cast<uint32_t*>(shared), slotSource);
     }
     __syncthreads();
 
@@ -161,6 +251,7 @@ struct LaunchShape
     dim3 block;
     size_t sharedBytes;
     int32_t rowsPerBlock;
+    int32_t sortLength; // 0: rank by counting
 };
 
 LaunchShape chooseLaunchShape(TokenGatherParams const& p, size_t rowBytes)
@@ -186,6 +277,7 @@ LaunchShape chooseLaunchShape(TokenGatherParams const& p, size_t rowBytes)
     shape.block = dim3(p.numTokens - 1 > 256 ? 512 : 256, 1, 1);
     shape.sharedBytes = tokenGatherSharedBytes(p.numTokens, p.keep);
     shape.rowsPerBlock = static_cast<int32_t>(rowsPerBlock);
+    shape.sortLength = ranksBySorting(p.numTokens - 1) ? sortSize(p.numTokens - 1) : 0;
     return shape;
 }
 
@@ -196,7 +288,7 @@ cudaError_t launchTyped(TokenGatherParams const& p, size_t rowBytes, cudaStream_
     int32_t const rowVecs = static_cast<int32_t>(rowBytes / sizeof(VecT));
     tokenGatherKernel<ScoreT, VecT><<<shape.grid, shape.block, shape.sharedBytes, stream>>>(
         static_cast<VecT const*>(p.tokens), static_cast<ScoreT const*>(p.scores), static_cast<VecT*>(p.output),
-        p.indices, p.numTokens, p.keep, rowVecs, shape.rowsPerBlock);
+        p.indices, p.numTokens, p.keep, rowVecs, shape.rowsPerBlock, shape.sortLength);
     return cudaGetLastError();
 }
 
@@ -230,8 +322,13 @@ cudaError_t launchForScore(TokenGatherParams const& p, cudaStream_t stream)
 
 size_t tokenGatherSharedBytes(int32_t numTokens, int32_t keep) noexcept
 {
-    return (static_cast<size_t>(numTokens > 1 ? numTokens - 1 : 0) + static_cast<size_t>(keep > 0 ? keep : 0))
-        * sizeof(uint32_t);
+    int32_t const numPatches = numTokens > 1 ? numTokens - 1 : 0;
+    size_t const slots = static_cast<size_t>(keep > 0 ? keep : 0) * sizeof(int32_t);
+    if (ranksBySorting(numPatches))
+    {
+        return static_cast<size_t>(sortSize(numPatches)) * sizeof(unsigned long long) + slots;
+    }
+    return static_cast<size_t>(numPatches) * sizeof(uint32_t) + slots;
 }
 
 char const* tokenGatherInvalidReason(TokenGatherParams const& p) noexcept

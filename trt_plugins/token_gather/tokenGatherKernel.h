@@ -35,7 +35,9 @@ struct TokenGatherParams
     int32_t keep{0};               //!< K, 1 <= K <= N - 1
 };
 
-//! Dynamic shared memory one block needs: a sort key per patch token and a source index per kept slot.
+//! Dynamic shared memory one block needs: the ranking keys (4 bytes per patch token when ranking by counting, 8
+//! per element of the power-of-two sort for 513 to 4096 patches) and a source index per kept slot. At most 48 KiB
+//! whenever N - 1 + K <= 12288.
 size_t tokenGatherSharedBytes(int32_t numTokens, int32_t keep) noexcept;
 
 //! Largest dynamic shared memory the launch uses without opting in to more (the portable 48 KiB).
