@@ -3,7 +3,7 @@
 What is quantised: only the inputs of the matrix products that carry weights (MatMul with a constant B,
 Gemm, Conv: qkv, attention projection, MLP, patch embedding, head), symmetric int8 (zero point 0), weights
 per output channel, activations per tensor. What is known to break ViT accuracy is left alone: residual
-Adds, LayerNorm, Softmax, GELU, the token selection (TopK/GatherElements or TokenGather) and every node
+Adds, LayerNorm, Softmax, GELU, the token selection (TopK/GatherND or TokenGather) and every node
 under the method's ``float_scopes`` (DynamicViT: the prediction modules, whose scores decide which tokens
 survive). The activation x activation products of attention (q.k^T, attn.v) stay float unless asked.
 

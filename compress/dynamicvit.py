@@ -35,7 +35,7 @@ from compress.registry import (
     variant,
     variants,
 )
-from compress.token_select import keep_counts, masked_attention_softmax, select_tokens
+from compress.token_select import CLS_KEEP_SCORE, keep_counts, masked_attention_softmax, select_scored_tokens
 
 FAMILY = "deit"
 
@@ -90,6 +90,32 @@ class PredictionModule(nn.Module):
             global_feature = (pooled * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp(min=1e-6)
         return self.out_conv(torch.cat([local, global_feature.expand_as(pooled)], dim=-1))
 
+    def keep_scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inference scores for top-k, with the fewest operations: tokens [B, 1 + N, C] (CLS first) -> [B, 1 + N, 1].
+
+        Patch token i scores the margin l_keep - l_drop of the last linear layer's two outputs: the keep
+        log-probability log_softmax(l)[0] = -softplus(l_drop - l_keep) is increasing in it, so both rank tokens
+        alike and no log-softmax is computed. CLS scores +inf (always kept, first). The global half is averaged
+        over the patch tokens (every patch token is still there at inference), and its share of ``out_conv.0``
+        is computed once per image instead of being broadcast and concatenated to every token.
+        """
+        norm, linear, act = self.in_conv
+        features = act(linear(norm(tokens)))  # CLS too: its features only feed its own (replaced) score
+        half = features.shape[-1] // 2
+        local, pooled = features[..., :half], features[:, 1:, half:].mean(dim=1, keepdim=True)
+        first, act1, second, act2, last, _ = self.out_conv
+        hidden = act1(local @ first.weight[:, :half].T + F.linear(pooled, first.weight[:, half:], first.bias))
+        margin = act2(second(hidden)) @ (last.weight[0] - last.weight[1])[:, None]
+        return margin + keep_score_offset(last.bias[0] - last.bias[1], tokens.shape[1])
+
+
+def keep_score_offset(bias_margin: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_tokens, 1]: +inf for CLS, the margin's bias for every patch token. Built from a constant and the
+    parameters only, so the exported graph holds it as one folded constant (a single Add per stage)."""
+    cls_first = torch.tensor([[CLS_KEEP_SCORE]] + [[0.0]] * (num_tokens - 1), dtype=bias_margin.dtype,
+                             device=bias_margin.device)
+    return cls_first + bias_margin
+
 
 class MaskedForwardOutput(NamedTuple):
     """Training forward result, in the reference's tuple order."""
@@ -128,15 +154,18 @@ def attention_output(attn: nn.Module, weights: torch.Tensor, v: torch.Tensor, x:
 
 
 def attention_forward(attn: nn.Module, x: torch.Tensor, decision: torch.Tensor | None = None) -> torch.Tensor:
-    """A timm ``Attention`` with the softmax in float32: masked by ``decision`` [B, T] (training) or plain.
+    """A timm ``Attention`` as plain MatMul/Softmax: masked by ``decision`` [B, T] (training, float32) or plain.
 
     x: [B, T, C]. Used by the training forward (dropped tokens stay, attention masking) and by the
-    export, where a float16 graph must still normalise attention in float32.
+    export, which needs the attention as separate nodes in the pattern TensorRT fuses (timm's fused kernel
+    exports otherwise).
     """
     q, k, v = attention_heads(attn, x)
+    # The scale on Q before the first MatMul, then Softmax, then the second MatMul: the pattern TensorRT fuses
+    # into one attention kernel. Under autocast (mixed-precision training) the softmax runs in float32.
     logits = (q * attn.scale) @ k.transpose(-2, -1)
     if decision is None:
-        weights = logits.float().softmax(dim=-1).to(logits.dtype)
+        weights = logits.softmax(dim=-1)
     else:
         weights = masked_attention_softmax(logits, decision)
     return attention_output(attn, weights, v, x)
@@ -163,7 +192,7 @@ class DynamicViTBase(nn.Module):
     - ``embed(images [B, 3, H, W]) -> tokens [B, 1 + N, C]`` (CLS first, position embedding added);
     - ``run_block(block, x [B, T, C], decision [B, T] | None) -> [B, T, C]``: with a decision, attention
       masking (training); without, plain attention, through ``attention_forward`` when ``explicit_attention``
-      is set (the export's float32 softmax) or the backbone's own fused path;
+      is set (the export's MatMul/Softmax nodes) or the backbone's own fused path;
     - ``classify(tokens [B, T, C] final normed, patch_decision [B, T - 1] | None) -> logits [B, classes]``;
     - ``image_shape`` (C, H, W); ``cost_shape()`` for the analytic MACs.
     """
@@ -178,10 +207,11 @@ class DynamicViTBase(nn.Module):
         if list(config.pruning_locations) != sorted(set(config.pruning_locations)):
             raise ValueError(f"pruning locations {config.pruning_locations} must be strictly increasing")
         self.score_predictor = nn.ModuleList(PredictionModule(embed_dim) for _ in config.pruning_locations)
-        self.explicit_attention = False  # set by the export: float32 softmax as plain MatMul/Softmax nodes
+        self.explicit_attention = False  # set by the export: attention as plain MatMul/Softmax nodes
         self.keep_ratio = config.keep_ratio
+        # (tokens [B, T, C], keep_scores [B, T, 1], k) -> (CLS + k best tokens [B, 1 + k, C], their indices [B, 1 + k, 1])
         self.token_selector: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-        self.token_selector = select_tokens
+        self.token_selector = select_scored_tokens
 
     @property
     def keep_ratio(self) -> float:
@@ -210,16 +240,16 @@ class DynamicViTBase(nn.Module):
         tokens = self.embed(images)
         counts = self.stage_keep_counts(keep_ratio)
         stages = dict(zip(self.config.pruning_locations, zip(self.score_predictor, counts)))
-        positions = torch.arange(self.num_patches, device=tokens.device).expand(tokens.shape[0], -1)
+        # Token positions on the original sequence (0 = CLS): bookkeeping for the debug outputs only.
+        positions = torch.arange(1 + self.num_patches, device=tokens.device).expand(tokens.shape[0], -1)
         kept_positions = []
         for index, block in enumerate(self.blocks):
             if index in stages:
                 predictor, count = stages[index]
-                keep_scores = predictor(tokens[:, 1:])[..., 0]
-                tokens, patch_indices = self.token_selector(tokens, keep_scores, count)
+                tokens, token_indices = self.token_selector(tokens, predictor.keep_scores(tokens), count)
                 if return_indices:
-                    positions = torch.gather(positions, 1, patch_indices.long())
-                    kept_positions.append(positions)
+                    positions = torch.gather(positions, 1, token_indices[..., 0])
+                    kept_positions.append(positions[:, 1:] - 1)
             tokens = self.run_block(block, tokens)
         logits = self.classify(self.norm(tokens))
         return (logits, kept_positions) if return_indices else logits

@@ -133,7 +133,7 @@ class LVViTAttention(nn.Module):
     """Multi-head self-attention, x [B, T, C] -> [B, T, C]; keys ``qkv`` ([3C, C], rows q | k | v) and ``proj``.
 
     Exposes what ``compress.dynamicvit.attention_forward`` reads (timm's ``Attention`` attribute names), and runs
-    through it, so training's attention masking and the float32 softmax are DeiT's code.
+    through it, so training's attention masking and the exported attention are DeiT's code.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
@@ -238,7 +238,7 @@ class DynamicLVViT(DynamicViTBase):
         return self.pos_drop(tokens)
 
     def run_block(self, block: nn.Module, x: torch.Tensor, decision: torch.Tensor | None = None) -> torch.Tensor:
-        # LV-ViT's blocks always take the explicit attention path (float32 softmax): nothing fused to switch off.
+        # LV-ViT's blocks always take the explicit attention path (MatMul/Softmax): nothing fused to switch off.
         return block(x, decision)
 
     def classify(self, tokens: torch.Tensor, patch_decision: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,21 +46,51 @@ def top_k_patch_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
 
 
+CLS_KEEP_SCORE = float("inf")  # above every finite score: the CLS token is always selected, and first
+
+
+def scores_with_cls(patch_scores: torch.Tensor) -> torch.Tensor:
+    """Patch keep scores [batch, patches] -> token keep scores [batch, 1 + patches, 1], CLS's +inf first."""
+    cls = patch_scores.new_full((patch_scores.shape[0], 1), CLS_KEEP_SCORE)
+    return torch.cat([cls, patch_scores], dim=1)[..., None]
+
+
+def top_k_token_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Token keep scores [batch, 1 + patches, 1] (CLS +inf) -> the CLS token and the ``k`` best patch tokens as
+    token indices [batch, 1 + k, 1] int64, in the tie rule (CLS first: no finite score reaches +inf)."""
+    return top_k_patch_indices(scores[..., 0], k + 1)[..., None]
+
+
+def gather_tokens(tokens: torch.Tensor, token_indices: torch.Tensor) -> torch.Tensor:
+    """tokens [batch, tokens, channels], token_indices [batch, k, 1] -> tokens[b, token_indices[b, i]] [batch, k, channels].
+
+    The ONNX export writes this as one GatherND (batch_dims 1) on the index tensor as it is.
+    """
+    return torch.gather(tokens, 1, token_indices.expand(-1, -1, tokens.shape[-1]))
+
+
+def select_scored_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynamicViT's inference selection, one top-k and one gather: tokens [batch, 1 + patches, channels] and token
+    keep scores [batch, 1 + patches, 1] (CLS +inf) -> (CLS and the ``k`` best patch tokens [batch, 1 + k, channels],
+    their token indices [batch, 1 + k, 1] int64)."""
+    token_indices = top_k_token_indices(scores, k)
+    return gather_tokens(tokens, token_indices), token_indices
+
+
 def gather_kept_tokens(tokens: torch.Tensor, patch_indices: torch.Tensor) -> torch.Tensor:
     """CLS token followed by the chosen patch tokens.
 
     tokens: [batch, 1 + patches, channels]; patch_indices: [batch, k] into the patch tokens
     (0 = first token after CLS) -> [batch, 1 + k, channels].
     """
-    batch, _, channels = tokens.shape
-    rows = (patch_indices + 1).unsqueeze(-1).expand(batch, patch_indices.shape[1], channels)
-    return torch.cat([tokens[:, :1], torch.gather(tokens, 1, rows)], dim=1)
+    cls = torch.zeros_like(patch_indices[:, :1])
+    return gather_tokens(tokens, torch.cat([cls, patch_indices + 1], dim=1)[..., None])
 
 
 def select_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The TokenGather op: keep CLS and the ``k`` best-scoring patch tokens.
 
-    tokens: [batch, 1 + patches, channels]; scores: [batch, patches] keep log-probabilities.
+    tokens: [batch, 1 + patches, channels]; scores: [batch, patches] keep scores.
     Returns (kept tokens [batch, 1 + k, channels], kept patch indices [batch, k] int64).
     This is the reference every other implementation of the op is tested against.
     """

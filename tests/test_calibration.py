@@ -192,7 +192,7 @@ def test_ort_int8_is_symmetric_per_channel_and_leaves_accuracy_critical_ops_floa
     quantized, report = small_int8
     assert report["method"] == "ort" and report["calibration_set"] == {"hash": "h", "size": 64, "source": "demo"}
     assert report["qdq"]["quantized_nodes"] == len(report["quantized_nodes"]) == 26
-    for op in ("Add", "LayerNormalization", "Softmax", "TopK", "GatherElements"):
+    for op in ("Add", "LayerNormalization", "Softmax", "TopK", "GatherND"):
         assert op in report["float_op_types"]
     constants = {i.name: numpy_helper.to_array(i) for i in quantized.graph.initializer}
     consumers = {n.name: n.op_type for n in quantized.graph.node}
