@@ -17,6 +17,7 @@ import torch.nn as nn
 from compress.cli import package_version
 from compress.dynamicvit import DynamicViTBase
 from compress.errors import PipelineError
+from export.deploy import as_float32
 from export.selection import SELECTION_FLAVOURS, native_token_selector, plugin_token_selector
 
 MIN_OPSET = 17  # LayerNormalization is one node from opset 17 on (fp16-safe on TensorRT)
@@ -35,11 +36,12 @@ class ExportGraph(nn.Module):
         model.token_selector = native_token_selector if flavour == "native" else plugin_token_selector(with_indices)
 
     def forward(self, images: torch.Tensor):
-        images = images.to(self.dtype)
+        if images.dtype != self.dtype:  # float16 graphs take float32 images (a Cast node only where one is needed)
+            images = images.to(self.dtype)
         if not self.with_indices:
-            return self.model.forward_pruned(images).float()
+            return as_float32(self.model.forward_pruned(images))
         logits, kept = self.model.forward_pruned(images, return_indices=True)
-        return (logits.float(), *kept)
+        return (as_float32(logits), *kept)
 
 
 def torchscript_export(module: nn.Module, images: torch.Tensor, opset: int, names: list[str], dynamic_batch: bool,

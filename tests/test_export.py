@@ -316,3 +316,24 @@ def test_tome_exports_through_the_same_pipeline_and_refuses_dynamicvit_options(t
         bad = run_build(*extra, "--out", tmp_path / "bad")
         assert bad.returncode == 2 and fragment in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def graph_ops(proto) -> Counter:
+    return Counter(n.op_type for n in proto.graph.node if n.op_type not in ("Constant", "Identity"))
+
+
+def test_each_pruning_stage_adds_the_fewest_operators_and_float32_graphs_have_no_cast(tiny_model):
+    """Per stage: the prediction module (LayerNorm, 4 MatMuls, 3 GELUs as 5 Erf-form nodes each, 3 Slices, one
+    ReduceMean, 4 Adds), the +inf/bias Add, one TopK and one GatherND: 32 operators (50 before the margin score,
+    the CLS-first TopK and the GatherND). Graphs at fixed batch; the float32 graph holds no Cast at all."""
+    dense = graph_ops(export_onnx(deploy_copy(tiny_model, 1.0), "native"))
+    pruned = graph_ops(export_onnx(deploy_copy(tiny_model, 0.7), "native"))
+    stages = tiny_model.num_stages
+    assert (sum(pruned.values()) - sum(dense.values())) / stages <= 32, (dense, pruned)
+    assert pruned["TopK"] == pruned["GatherND"] == stages
+    assert pruned["LogSoftmax"] == pruned["Concat"] - dense["Concat"] == pruned["Cast"] - dense["Cast"] == 0
+    assert dense["Cast"] == 0
+    fp16 = graph_ops(export_onnx(deploy_copy(tiny_model, 0.7, "fp16"), "native"))
+    # float16: a Cast pair per LayerNorm outside the predictors, one Cast into each predictor, none in attention
+    norms = fp16["LayerNormalization"] - stages
+    assert fp16["Cast"] == 2 * norms + stages + 2  # + the images in, the logits out
