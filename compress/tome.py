@@ -13,15 +13,20 @@ merged away (bipartite soft matching):
 - output order: the kept A tokens in their original order (CLS first), then every B token in order;
 - proportional attention: log(size) is added to the attention logits of every key.
 
-Tie rule (every backend follows it; PyTorch and ONNX run the same formulation below):
-- best B match of an A token: among equal scores the LOWER B index (argmax's first maximum, ONNX ArgMax with
-  select_last_index 0);
-- which A tokens merge: descending best score, a stable order: among equal scores the LOWER A index ranks first.
+Tie rule (every backend follows it):
+- best B match of an A token: among equal distances the LOWER B index (the first minimum: ``torch.min`` over a
+  dimension returns the first minimal index; ONNX ArgMin with select_last_index 0);
+- which A tokens merge: ascending best distance (descending best score), a stable order: among equal distances
+  the LOWER A index ranks first (eager ``torch.sort(stable=True)``; exported, one ONNX TopK, whose specification
+  puts the lower index first among equal values);
+- the kept A tokens: ascending A index (the reference sorts them when there is a class token).
 
-The method is a set of pure tensor functions (counts, ranks, matching, merge); ``ToMeViT`` is the thin glue
-that runs them on the parts of a timm ``VisionTransformer``. The functions avoid sorts and data-dependent control
-flow: ranks are comparison counts and index lists are read off one-hot matrices, so the TorchScript ONNX
-exporter writes them as plain MatMul/Equal/Gather nodes and the decisions are the same in PyTorch and ONNX.
+The method is a set of pure tensor functions (counts, matching, merge); ``ToMeViT`` is the thin glue that runs
+them on the parts of a timm ``VisionTransformer``. No data-dependent control flow; the two sorts run as
+``torch.sort`` in eager PyTorch and are traced as ``torch.topk`` while exporting (``torch.topk`` promises no tie
+order, so it never decides an eager result). Exported per merging block: ReduceMin + ArgMin, two TopK, one
+GatherElements for the matching; GatherND (batch_dims 1) for the rows, and a one-hot MatMul or one
+ScatterElements (reduction "add") for the merge.
 Shapes: [batch, tokens, channels].
 """
 from __future__ import annotations
@@ -42,7 +47,7 @@ from compress.errors import CheckpointError, PipelineError
 from compress.registry import DynamicViTConfig, UnknownModel, config_for
 
 TIE_RULE = ("best match: lower B index among equal scores; merged A tokens: descending best score, "
-            "lower A index first among equal scores (stable)")
+            "lower A index first among equal scores (stable; ONNX TopK rule); kept A tokens in ascending index order")
 MERGE_FLAVOURS = ("onehot", "scatter")
 REFERENCE_PREFIX = "module."  # DistributedDataParallel's prefix on saved keys
 
@@ -95,26 +100,28 @@ def check_schedule_merges(num_tokens: int, schedule: Sequence[int]) -> None:
 # ----------------------------------------------------------------------------- pure functions
 
 
-def descending_ranks(values: torch.Tensor) -> torch.Tensor:
-    """values [B, N] -> rank [B, N] float32 (0 = first): descending, equal values rank the lower index first.
+def exporting() -> bool:
+    """True while ``torch.onnx.export`` traces the model: the sorts below are then written as ONNX TopK."""
+    return torch.onnx.is_in_onnx_export()
 
-    rank_i = #{j : v_j > v_i} + #{j < i : v_j == v_i}: a stable descending sort written as comparison counts.
+
+def ascending_order(values: torch.Tensor) -> torch.Tensor:
+    """values [B, n] -> indices [B, n] int64 of a stable ascending sort (equal values: the lower index first).
+
+    Eager PyTorch: ``torch.sort(stable=True)``. Exported: one ONNX TopK (k = n, largest 0, sorted 1), whose
+    specification breaks ties toward the lower index. ``torch.topk`` promises no tie order (CPU and CUDA differ),
+    so it is only traced, never run for a result.
     """
-    above = values[..., None, :] > values[..., :, None]  # [B, i, j]: v_j > v_i
-    tied_before = (values[..., None, :] == values[..., :, None]) & lower_index(values.shape[-1], values.device)
-    return (above | tied_before).float().sum(-1)
+    if exporting():
+        return torch.topk(values, int(values.shape[1]), dim=1, largest=False, sorted=True).indices
+    return torch.sort(values, dim=1, stable=True).indices
 
 
-def lower_index(n: int, device: torch.device | None = None) -> torch.Tensor:
-    """[n, n] bool, [i, j] = j < i (from two ranges: exported as Range and Less, no triangular-matrix op)."""
-    index = torch.arange(n, device=device)
-    return index[None, :] < index[:, None]
-
-
-def positions_of(one_hot: torch.Tensor) -> torch.Tensor:
-    """one_hot [B, k, N] (one 1 per row) -> the column of each row's 1, [B, k] int64 (exact in float32 below 2^24)."""
-    columns = torch.arange(one_hot.shape[-1], device=one_hot.device, dtype=torch.float32)
-    return (one_hot.float() @ columns).long()
+def ascending(index: torch.Tensor) -> torch.Tensor:
+    """index [B, k] int64, distinct per row -> the same values in ascending order (exported: TopK values)."""
+    if exporting():
+        return torch.topk(index, int(index.shape[1]), dim=1, largest=False, sorted=True).values
+    return torch.sort(index, dim=1).values
 
 
 class Matching(NamedTuple):
@@ -141,47 +148,88 @@ def cosine_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (difference * difference).sum(-1)
 
 
+# Added to the CLS token's closest distance: more than any distance of unit vectors (at most 4), so CLS sorts after
+# every candidate and is never merged (the reference sets its cosine scores to -inf; a finite value suits engines).
+CLS_PROTECTION = 8.0
+
+
 def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     """metric [B, t, c] -> the r merges of ToMe's bipartite matching, CLS (token 0) protected.
 
     Scores in float32 (a float16 graph must decide what float32 PyTorch decides). r must be
-    ``merges_in_block(t, r)`` already.
+    ``merges_in_block(t, r)`` already. Operators: the distances, ReduceMin + ArgMin for every A token's best B,
+    one sort (TopK) of all A tokens by that distance, a sort of the nA - r kept indices, and one gather.
     """
-    metric = metric.float()
+    metric = as_float32(metric)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
-    candidates = a.shape[1] - 1  # A tokens besides CLS
-    distance = cosine_distances(a[:, 1:], b)  # [B, nA - 1, nB]
-    closest, best_b = distance.min(dim=-1)  # first minimum: the lower B index among equal scores
-    rank = descending_ranks(-closest)  # [B, nA - 1]: the highest cosine score first
-    slots = torch.arange(candidates, device=metric.device, dtype=torch.float32)
-    # Row k of each one-hot matrix marks the candidate that fills output slot k.
-    merged = rank[:, None, :] == slots[:r, None]  # [B, r, nA - 1]
-    merged_candidates = positions_of(merged)
-    merged_into = torch.gather(best_b, 1, merged_candidates)
-    kept_a = torch.zeros_like(merged_candidates[:, :1])  # CLS
-    if r < candidates:  # (a static decision: empty tensors are best kept out of exported graphs)
-        is_kept = (rank >= r).float()  # [B, nA - 1]
-        kept_before = is_kept @ lower_index(candidates, metric.device).T.float()  # kept candidates with a lower index
-        kept = (kept_before[:, None, :] == slots[: candidates - r, None]) & is_kept.bool()[:, None, :]
-        kept_a = torch.cat([kept_a, positions_of(kept) + 1], dim=1)
-    return Matching(kept_a, merged_candidates + 1, merged_into)
+    closest, best_b = cosine_distances(a, b).min(dim=-1)  # [B, nA]; first minimum: the lower B index among ties
+    protection = (torch.arange(int(a.shape[1]), device=metric.device) == 0) * CLS_PROTECTION  # made on the device
+    order = ascending_order(closest + protection)  # the highest cosine score first; CLS last
+    merged_a, rest = order.split([r, int(a.shape[1]) - r], dim=1)
+    return Matching(ascending(rest), merged_a, torch.gather(best_b, 1, merged_a))
+
+
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32; a float32 x is returned as it is (no Cast node in exported graphs)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, N, C], index [B, k] -> x[b, index[b, i]] as [B, k, C]."""
-    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+    """x [B, N, C], index [B, k] -> x[b, index[b, i]] as [B, k, C]. Exported: Unsqueeze + GatherND (batch_dims 1)."""
+    return RowGather.apply(x, index) if exporting() else gather_rows_eager(x, index)
+
+
+def gather_rows_eager(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, index[..., None].expand(*index.shape, x.shape[-1]))
+
+
+class RowGather(torch.autograd.Function):
+    """``gather_rows`` while exporting (no backward: eager PyTorch, training included, runs ``torch.gather``).
+    ONNX: GatherND with batch_dims 1 on the index [B, k, 1] copies whole rows; GatherElements would need the index
+    expanded to [B, k, C] first, which the exporter writes as an Expand behind four shape nodes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return gather_rows_eager(x, index)
+
+    @staticmethod
+    def symbolic(g, x, index):
+        rows = g.op("Unsqueeze", index, g.op("Constant", value_t=torch.tensor([-1])))
+        return g.op("GatherND", x, rows, batch_dims_i=1)
 
 
 def add_rows_onehot(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """target [B, N, C] with rows [B, k, C] added at index [B, k] (repeats add up): a one-hot MatMul, no scatter."""
-    one_hot = (index[..., None] == torch.arange(target.shape[1], device=index.device)).to(rows.dtype)  # [B, k, N]
-    return target + one_hot.transpose(1, 2) @ rows
+    one_hot = torch.arange(int(target.shape[1]), device=index.device)[:, None] == index[:, None, :]  # [B, N, k]
+    return target + one_hot.to(rows.dtype) @ rows
 
 
 def add_rows_scatter(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Same as ``add_rows_onehot`` with a scatter-add (ONNX ScatterElements, reduction "add", opset >= 16)."""
-    return target.scatter_add(1, index[..., None].expand(-1, -1, rows.shape[-1]), rows)
+    """Same as ``add_rows_onehot`` with a scatter-add. Exported: Unsqueeze, Expand, ScatterElements (reduction
+    "add", opset >= 16)."""
+    if exporting():
+        return RowScatterAdd.apply(target, index, rows, int(rows.shape[-1]))
+    return add_rows_scatter_eager(target, index, rows)
+
+
+def add_rows_scatter_eager(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return target.scatter_add(1, index[..., None].expand(*index.shape, rows.shape[-1]), rows)
+
+
+class RowScatterAdd(torch.autograd.Function):
+    """``add_rows_scatter`` while exporting. ONNX: the index [B, k, 1] expanded to the constant shape [1, 1, C]
+    (broadcasting leaves the batch free; the exporter's own expand adds four shape nodes), then ScatterElements."""
+
+    @staticmethod
+    def forward(ctx, target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, channels: int) -> torch.Tensor:
+        return add_rows_scatter_eager(target, index, rows)
+
+    @staticmethod
+    def symbolic(g, target, index, rows, channels: int):
+        rows_index = g.op("Expand", g.op("Unsqueeze", index, g.op("Constant", value_t=torch.tensor([-1]))),
+                          g.op("Constant", value_t=torch.tensor([1, 1, channels])))
+        return g.op("ScatterElements", target, rows_index, rows, axis_i=1, reduction_s="add")
 
 
 ROW_ADDERS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -189,18 +237,24 @@ ROW_ADDERS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch
 }
 
 
-def merge_weighted_average(x: torch.Tensor, size: torch.Tensor, matching: Matching, flavour: str = "scatter"
+def merge_weighted_average(x: torch.Tensor, size: torch.Tensor | None, matching: Matching, flavour: str = "scatter"
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, t, C], size [B, t, 1] -> merged x [B, t - r, C] in x's dtype and sizes [B, t - r, 1] float32.
+    """x [B, t, C], size [B, t, 1] or None (all ones) -> merged x [B, t - r, C] in x's dtype and sizes
+    [B, t - r, 1] float32.
 
     Each group's x is sum(x * size) / sum(size), formed in float32 (so a float16 graph averages in float32).
     """
-    weighted = torch.cat([x.float() * size, size], dim=-1)  # the sizes ride along as one more channel
+    if size is None:
+        size = torch.ones_like(x[..., :1], dtype=torch.float32)
+        weighted = torch.cat([as_float32(x), size], dim=-1)  # x * 1 is x
+    else:
+        weighted = torch.cat([as_float32(x) * size, size], dim=-1)  # the sizes ride along as one more channel
     a, b = weighted[:, ::2], weighted[:, 1::2]
     b = ROW_ADDERS[flavour](b, matching.merged_into, gather_rows(a, matching.merged_a))
     merged = torch.cat([gather_rows(a, matching.kept_a), b], dim=1)
-    sums, sizes = merged[..., :-1], merged[..., -1:]
-    return (sums / sizes).to(x.dtype), sizes
+    sums, sizes = merged.split([int(x.shape[-1]), 1], dim=-1)
+    averaged = sums / sizes
+    return (averaged if x.dtype == torch.float32 else averaged.to(x.dtype)), sizes
 
 
 def merge_decisions(matching: Matching, tokens: int) -> torch.Tensor:
@@ -232,8 +286,6 @@ class TokenMerge(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, t, C], size [B, t, 1] or None (all ones), metric [B, t, c] -> x [B, t - r, C], size, codes [B, r]."""
         matching = bipartite_soft_matching(metric, r)
-        if size is None:
-            size = torch.ones_like(x[..., :1], dtype=torch.float32)
         merged, size = merge_weighted_average(x, size, matching, flavour)
         return merged, size, merge_decisions(matching, x.shape[1])
 

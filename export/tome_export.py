@@ -10,7 +10,9 @@ Graph flavours (the merge's row additions; everything else is the same graph):
 - ``onehot`` (default): a one-hot MatMul adds the merged tokens into their destinations: no scatter at all;
 - ``scatter``: ScatterElements with reduction "add" (opset >= 16; TensorRT runs it through the ScatterElements
   plugin of its plugin library, from TensorRT 10).
-Both use gathers, comparisons and MatMuls for the matching (``compress.tome``): no sort, no data-dependent
+Both write the matching (``compress.tome``) as ReduceMin + ArgMin (first minimum: the lower B index), one TopK
+ranking the A tokens (ONNX's tie rule: the lower index first, which eager PyTorch's stable sort follows) and one
+TopK putting the kept indices in ascending order, and gather rows with GatherND (batch_dims 1): no data-dependent
 branch, so PyTorch and ONNX take the same decisions by the same tie rule. In float16 graphs the matching scores,
 the merge sums and sizes, the weighted average, the attention softmax and the norms stay float32.
 """
