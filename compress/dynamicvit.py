@@ -135,6 +135,11 @@ def gumbel_keep_decision(log_probs: torch.Tensor, previous_decision: torch.Tenso
     return F.gumbel_softmax(log_probs, hard=True)[..., 0] * previous_decision
 
 
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, with no Cast node in the exported graph when it already is (``.float()`` always writes one)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def attention_heads(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A timm ``Attention``'s normed queries, keys and values: x [B, T, C] -> q, k, v [B, heads, T, head_dim]."""
     batch, tokens, _ = x.shape

@@ -42,7 +42,7 @@ from timm.models.vision_transformer import VisionTransformer
 from compress.checkpoint import infer_config, read_checkpoint_file
 from compress.complexity import block_macs
 from compress.dynamicvit import (ADOPTED_BACKBONE_PARTS, DEIT_HEAD_DIM, FAMILY, PREDICTOR_PREFIX, DynamicViT,
-                                 attention_heads, attention_output, build_deit, check_backbone)
+                                 as_float32, attention_heads, attention_output, build_deit, check_backbone)
 from compress.errors import CheckpointError, PipelineError
 from compress.registry import DynamicViTConfig, UnknownModel, config_for
 
@@ -170,11 +170,6 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int) -> Matching:
     return Matching(ascending(rest), merged_a, torch.gather(best_b, 1, merged_a))
 
 
-def as_float32(x: torch.Tensor) -> torch.Tensor:
-    """x in float32; a float32 x is returned as it is (no Cast node in exported graphs)."""
-    return x if x.dtype == torch.float32 else x.float()
-
-
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, N, C], index [B, k] -> x[b, index[b, i]] as [B, k, C]. Exported: Unsqueeze + GatherND (batch_dims 1)."""
     return RowGather.apply(x, index) if exporting() else gather_rows_eager(x, index)
@@ -265,13 +260,14 @@ def merge_decisions(matching: Matching, tokens: int) -> torch.Tensor:
 
 def attention_with_keys(attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A timm ``Attention`` with proportional attention: x [B, t, C], size [B, t, 1] or None (all ones) ->
-    (output [B, t, C], keys averaged over heads [B, t, head_dim]). The softmax (and the log(size) bias) is
-    float32, so a float16 graph still normalises attention in float32."""
+    (output [B, t, C], keys averaged over heads [B, t, head_dim]). The attention is the pattern TensorRT fuses
+    (scale on Q, MatMul, additive mask, Softmax, MatMul) in the graph's precision; the log(size) mask is at most
+    log(197) ~ 5.3, exact enough in float16."""
     q, k, v = attention_heads(attn, x)
-    logits = ((q * attn.scale) @ k.transpose(-2, -1)).float()
+    logits = (q * attn.scale) @ k.transpose(-2, -1)
     if size is not None:
-        logits = logits + size.log()[:, None, None, :, 0]
-    weights = logits.softmax(dim=-1).to(v.dtype)
+        logits = logits + size.log().to(logits.dtype)[:, None, None, :, 0]
+    weights = logits.softmax(dim=-1)
     return attention_output(attn, weights, v, x), k.mean(dim=1)
 
 
@@ -311,6 +307,7 @@ class ToMeViT(nn.Module):
         self.num_classes = int(backbone.num_classes)
         self.num_patches = int(self.patch_embed.num_patches)
         self.data_config = getattr(backbone, "data_config", None)
+        self.pretrained_cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})  # image preprocessing reads it
         self.merge_flavour = "scatter"
         self.token_merge = TokenMerge()
         self.r_schedule = parse_r_schedule(r, len(self.blocks))

@@ -16,18 +16,13 @@ import copy
 import torch
 import torch.nn as nn
 
-from compress.dynamicvit import DynamicViTBase
+from compress.dynamicvit import DynamicViTBase, as_float32
 from compress.errors import PipelineError
 
 PRECISIONS = ("fp32", "fp16")
 
 
 FLOAT32_NORMS = (nn.LayerNorm, nn.BatchNorm2d)
-
-
-def as_float32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, with no Cast node in the exported graph when it already is (``.float()`` always writes one)."""
-    return x if x.dtype == torch.float32 else x.float()
 
 
 class Float32Norm(nn.Module):

@@ -26,10 +26,11 @@ import onnx
 import torch
 import torch.nn as nn
 
+from compress.dynamicvit import as_float32
 from compress.errors import PipelineError
 from compress.tome import (MERGE_FLAVOURS, TIE_RULE, ToMeViT, check_schedule_merges, merges_in_block, parse_r_schedule,
                           token_counts)
-from export.deploy import FLOAT32_NORMS, PRECISIONS, Float32Norm
+from export.deploy import PRECISIONS, with_float32_norms
 from export.onnx_export import MIN_OPSET, torchscript_export
 from export.tensorrt_engine import minimum_version_problem
 
@@ -59,13 +60,8 @@ def check_tensorrt_version(flavour: str, version: str) -> None:
 
 
 def to_mixed_float16(model: ToMeViT) -> ToMeViT:
-    """Float16 weights and activations; the norms compute in float32 (the merge and softmax already do)."""
-    model = model.half()
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, FLOAT32_NORMS) and not isinstance(module, Float32Norm):
-                setattr(module, child_name, Float32Norm(child))
-    return model
+    """Float16 weights and activations; the norms compute in float32 (the merge's scores and averages already do)."""
+    return with_float32_norms(model.half())
 
 
 class ToMeGraph(nn.Module):
@@ -79,8 +75,10 @@ class ToMeGraph(nn.Module):
         model.merge_flavour = check_flavour(flavour)
 
     def forward(self, images: torch.Tensor):
-        logits, decisions = self.model.forward_with_decisions(images.to(self.dtype))
-        return (logits.float(), *decisions) if self.with_debug else logits.float()
+        if images.dtype != self.dtype:  # float16 graphs take float32 images (a Cast only where one is needed)
+            images = images.to(self.dtype)
+        logits, decisions = self.model.forward_with_decisions(images)
+        return (as_float32(logits), *decisions) if self.with_debug else as_float32(logits)
 
 
 def merging_blocks(num_tokens: int, schedule: Sequence[int]) -> list[int]:
