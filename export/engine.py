@@ -5,15 +5,20 @@ Copy an export folder (written by ``python -m export.build``) to the target, the
   --backend ort  re-check every ONNX graph of the folder against its golden data on ONNX Runtime (CPU)
   --backend trt  build a TensorRT engine per precision on this machine, check it against the golden data,
                  time it, and add each passing engine, its figures and this machine's facts to the manifest
+  --lint         only check every ONNX graph of the folder against what the ONNX parser of TensorRT 10.3 and
+                 11.x supports (export.tensorrt_support; needs neither TensorRT nor a GPU): one line per graph
+                 and version; the same check runs before any engine build, for the installed TensorRT
 
 Both check with the comparison and the criteria export.build used: float32 - max abs error on the logits
 within the tolerance and identical kept token sets; float16 / INT8 - finite logits and top-1 agreement with
 the float32 PyTorch model of at least the export's minimum on real images (random images are reported, not
 judged); at each batch size of the profile (MIN, OPT, MAX), the golden images split to fit.
 
-Needs numpy, onnx, onnxruntime and (for trt) TensorRT's Python bindings and polygraphy: no torch, no timm.
-Exit codes: 0 every graph or engine agrees; 1 one disagrees (it is reported and not published); 2 a user
-error (missing folder or manifest, changed or corrupt files, TensorRT or the plugin library missing).
+Needs numpy, onnx, onnxruntime and (for trt) TensorRT's Python bindings and polygraphy: no torch, no timm
+(--lint: onnx and numpy only).
+Exit codes: 0 every graph or engine agrees (--lint: every graph is supported); 1 one disagrees (it is reported
+and not published) or a graph would not parse on the TensorRT checked; 2 a user error (missing folder or manifest,
+changed or corrupt files, TensorRT or the plugin library missing).
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ from export.golden import GoldenSet, debug_role, load_golden, sha256_of, verifie
 import trt_plugins
 from export.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine, minimum_version_problem, plan_engine,
                                     portability_problem, timing_cache_path)
+from export.tensorrt_support import (SUPPORT_TABLES, Problem, check_graphs, report_lines, support_table,
+                                     target_tables)
 
 EXIT_DISAGREES = 1
 # Graphs of folders written before artefact entries recorded their precision.
@@ -52,6 +59,14 @@ ENGINE_ROLE = "engine"
 
 class ExportFolderError(PipelineError):
     """An export folder that is missing, incomplete or unreadable."""
+
+
+class UnsupportedGraph(PipelineError):
+    """A graph the ONNX parser of the TensorRT in use would refuse (found without TensorRT, before its parser)."""
+
+    def __init__(self, message: str, lines: Sequence[str] = ()):
+        super().__init__(message)
+        self.lines = list(lines)
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -152,6 +167,36 @@ def has_token_gather(path: Path) -> bool:
     return any(node.op_type == "TokenGather" for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
+# ----------------------------------------------------------------------------- TensorRT parser support (lint)
+
+
+def onnx_artifacts(folder: Path, manifest: dict) -> list[Path]:
+    """Every ONNX graph the manifest lists (shipped graphs and debug twins), each file's sha256 verified."""
+    paths = [verified_path(folder, entry) for entry in manifest["artifacts"] if entry["role"].startswith("onnx")]
+    if not paths:
+        raise ExportFolderError(f"{Path(folder) / 'manifest.json'} lists no ONNX graph")
+    return paths
+
+
+def lint_folder(folder: Path, manifest: dict, versions: str | Sequence[str] = SUPPORT_TABLES
+                ) -> dict[str, dict[str, list[Problem]]]:
+    """{graph: {support table: problems}} for every ONNX graph of an export folder (no TensorRT needed)."""
+    return check_graphs(onnx_artifacts(folder, manifest), target_tables(versions))
+
+
+def require_supported(graphs: Sequence[Path], tensorrt_version: str) -> None:
+    """Raise UnsupportedGraph, naming node, operator and reason, when a graph would not parse on this TensorRT."""
+    results = check_graphs(graphs, [tensorrt_version])
+    problems = [(graph, p) for graph, per in results.items() for found in per.values() for p in found]
+    if problems:
+        graph, first = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UnsupportedGraph(f"{graph} would not parse on TensorRT {tensorrt_version} (checked against the "
+                               f"{support_table(tensorrt_version)} support table): {first}{more}; no engine was built "
+                               "(python -m export.engine EXPORT_DIR --lint lists every problem; --no-lint skips the "
+                               "check)", report_lines(results))
+
+
 # ----------------------------------------------------------------------------- engines
 
 
@@ -193,13 +238,15 @@ def check_and_time(engine_path: Path, twin: Path, golden: dict[str, GoldenSet], 
 
 
 def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSet] | None = None,
-                    warmup: int = 10, iterations: int = 50, timing_cache_dir: Path | None = None) -> dict:
+                    warmup: int = 10, iterations: int = 50, timing_cache_dir: Path | None = None,
+                    lint: bool = True) -> dict:
     """Build an engine per precision of ``manifest`` into ``export_dir``, check and time it; the "engines" entry.
 
     Each engine is built from the debug twin of the validated graph of its precision (so the engine that is
     checked, kept positions included, is the engine that is published) and named ``model_<precision>.engine``.
     Returns ``{precision: facts}``; a facts dict with ``passed: False`` is an engine that disagreed: its file
-    has been deleted. Raises PipelineError when TensorRT, a GPU or the plugin library is missing.
+    has been deleted. Raises PipelineError when TensorRT, a GPU or the plugin library is missing, and
+    UnsupportedGraph (before TensorRT's parser sees it) when ``lint`` finds a graph this TensorRT would refuse.
     """
     folder = Path(export_dir)
     golden = golden if golden is not None else load_golden(folder, manifest)
@@ -209,6 +256,8 @@ def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSe
     too_old = minimum_version_problem(manifest, here["tensorrt"])
     if too_old:
         raise TensorRTError(too_old)
+    if lint:
+        require_supported(list(graphs.values()), here["tensorrt"])
     cache = timing_cache_path(timing_cache_dir or folder.parent, here)
     engines = {}
     for precision in manifest.get("precision", ["fp32"]):
@@ -298,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=bounded(int, 0), default=10, help="untimed engine runs before timing (default: 10)")
     parser.add_argument("--iterations", "-n", type=bounded(int, 1), default=50,
                         help="timed engine runs per batch size (default: 50)")
+    parser.add_argument("--lint", action="store_true",
+                        help="only check every ONNX graph of the folder against the ONNX parser support of TensorRT "
+                             "(no TensorRT needed): one line per graph and version, exit 1 when one is not supported "
+                             "(default: off)")
+    parser.add_argument("--trt-version", choices=(*SUPPORT_TABLES, "both"), default="both",
+                        help="with --lint: the TensorRT version(s) to check against (10.3: every 10.x, JetPack 6; "
+                             "11: every 11.x)")
+    parser.add_argument("--no-lint", action="store_true",
+                        help="with trt: build without the parser-support check first (default: check the graphs "
+                             "against the installed TensorRT and stop before its parser when one is not supported)")
     parser.add_argument("--timing-cache-dir", type=Path, default=None,
                         help="folder of the TensorRT timing caches, one per TensorRT version and GPU "
                              "(default: the export folder's parent)")
@@ -317,10 +376,28 @@ def print_header() -> None:
           f"{'kept overlap/stage':<20} verdict")
 
 
+def print_lint(folder: Path, results: dict[str, dict[str, list[Problem]]]) -> int:
+    tables = sorted({t for per in results.values() for t in per}, key=SUPPORT_TABLES.index)
+    print(f"{folder}: ONNX graphs against the ONNX parser support of TensorRT {' and '.join(tables)}")
+    for line in report_lines(results):
+        print(f"  {line}")
+    failing = sorted({f"{graph} on TensorRT {table}" for graph, per in results.items() for table, found in per.items()
+                      if found})
+    if failing:
+        print(f"FAILED: {len(failing)} graph/version pair(s) would not parse: {', '.join(failing)}")
+        return EXIT_DISAGREES
+    print(f"PASSED: {len(results)} graph(s) supported by TensorRT {' and '.join(tables)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     folder = args.export_dir
     manifest = read_manifest(folder)
+    if args.lint:
+        return print_lint(folder, lint_folder(folder, manifest, args.trt_version))
+    if args.no_lint and args.backend != "trt":
+        raise ExportFolderError("--no-lint skips the check before an engine build: it needs --backend trt")
     if not isinstance(manifest.get("batch"), dict) or not isinstance(manifest.get("input"), dict):
         raise ExportFolderError(f"{folder / 'manifest.json'} has no batch profile or input description")
     golden = load_golden(folder, manifest)
@@ -342,7 +419,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_build:
         engines = recheck_engines(folder, manifest, golden, args.warmup, args.iterations)
     else:
-        engines = build_and_check(folder, manifest, golden, args.warmup, args.iterations, args.timing_cache_dir)
+        try:
+            engines = build_and_check(folder, manifest, golden, args.warmup, args.iterations, args.timing_cache_dir,
+                                      lint=not args.no_lint)
+        except UnsupportedGraph as exc:
+            print("\n".join(f"  {line}" for line in exc.lines))
+            print(f"FAILED: {exc}")
+            return EXIT_DISAGREES
     here = target_facts()
     write_manifest(folder, with_engines(manifest, engines, here))
     print(f"{folder}: TensorRT {here['tensorrt']} on {here['gpu']} (compute capability {here['compute_capability']})")
