@@ -50,6 +50,7 @@ from export.methods import DynamicViTExport
 from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
 from export.tensorrt_engine import write_trtexec
+from export.tensorrt_support import check_graphs, manifest_entry, support_table, target_tables
 from export.tome_export import ToMeExport
 from export.validate import shipped_vs_debug, validate_graph
 
@@ -96,6 +97,8 @@ class ExportRequest:
     tome_r: int | None = None
     tome_r_train: int | None = None
     tome_flavour: str = "onehot"
+    # TensorRT versions the graphs must parse on ("10.3", "11" or "both"); export.build adds the installed one.
+    tensorrt_versions: str = "both"
 
     @property
     def method_name(self) -> str:
@@ -144,6 +147,10 @@ class ExportRequest:
         self.check_method_options()
         if self.backend not in BACKENDS:
             raise ExportError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        try:
+            target_tables(self.tensorrt_versions)
+        except PipelineError as exc:
+            raise ExportError(f"--trt-version: {exc}") from None
         if self.tocom_scale is not None and self.tocom is None:
             raise ExportError("--tocom-scale does nothing without --tocom (a ToCom plugin to merge)")
         if self.tocom_scale is not None and not 0.0 < self.tocom_scale <= 10.0:
@@ -452,6 +459,7 @@ class Manifest:
     device: dict
     engine: dict = field(default_factory=dict)
     engines: dict = field(default_factory=dict)
+    tensorrt_support: dict = field(default_factory=dict)  # export.tensorrt_support's verdict per TensorRT version
     target: dict | None = None
     build_seconds: float | None = None
     schema_version: int = MANIFEST_SCHEMA
@@ -561,6 +569,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
         artifacts.append(golden_entry(staging, inputs, method.reference(subject.model)))
         manifest = build_manifest(request, subject, method, tocom, graphs, artifacts, input_sources)
         manifest.artifacts.append(write_trtexec(staging, manifest.to_dict()))
+        manifest = tensorrt_support_step(request, staging, manifest, progress)
         manifest = engine_step(request, staging, manifest, progress)
         manifest.build_seconds = round(time.perf_counter() - started, 2)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
@@ -568,6 +577,25 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out, manifest, untouched)
+
+
+def tensorrt_support_step(request: ExportRequest, staging: Path, manifest: Manifest, progress: Progress) -> Manifest:
+    """Every graph (shipped and debug twin) against the ONNX parser support of TensorRT 10.3 and 11.x, recorded in the
+    manifest per version. A problem on a targeted version fails the export, naming graph, node, operator and
+    reason; one on another version only is recorded (and the summary warns). Targets: ``tensorrt_versions``, plus
+    the installed TensorRT when engines are built here."""
+    targets = list(target_tables(request.tensorrt_versions))
+    if request.backend != "ort" and tensorrt_unavailable_reason() is None:
+        targets = list(dict.fromkeys([*targets, support_table(target_facts()["tensorrt"])]))
+    progress(f"checking every graph against the ONNX parser support of TensorRT (targets: {', '.join(targets)})")
+    results = check_graphs([staging / a["path"] for a in manifest.artifacts if a["role"].startswith("onnx")])
+    refused = [(graph, table, problem) for graph, per in results.items() for table, problems in per.items()
+               if table in targets for problem in problems]
+    if refused:
+        graph, table, problem = refused[0]
+        more = f" (and {len(refused) - 1} more problem(s))" if len(refused) > 1 else ""
+        raise ValidationFailed(f"{graph} would not parse on TensorRT {table}: {problem}{more}; nothing was written")
+    return replace(manifest, tensorrt_support=manifest_entry(results, targets))
 
 
 def engine_step(request: ExportRequest, staging: Path, manifest: Manifest, progress: Progress) -> Manifest:

@@ -18,6 +18,7 @@ from export.api import BACKENDS, ExportRequest, ExportResult, ValidationFailed, 
 from export.compare import RANDOM_INPUTS
 from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
+from export.tensorrt_support import SUPPORT_TABLES
 
 
 EXIT_VALIDATION_FAILED = 1
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: a TensorRT engine where TensorRT and a GPU are present, else ONNX Runtime "
                              "artefacts only; trt: require an engine; ort: ONNX only")
+    parser.add_argument("--trt-version", choices=(*SUPPORT_TABLES, "both"), default="both",
+                        help="TensorRT version(s) every graph must parse on, checked from the graph alone before "
+                             "publishing (10.3: every 10.x, JetPack 6; 11: every 11.x); a problem on another version "
+                             "only is a warning in the summary; when engines are built here the installed TensorRT is "
+                             "a target too")
     parser.add_argument("--out", "-o", type=Path, default=None,
                         help="output folder (default: exports/<model>_keep<rho>_<precision>, or _r<r>_ for ToMe)")
     tome = parser.add_argument_group("token merging (ToMe) instead of DynamicViT pruning")
@@ -96,7 +102,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         fp16=args.fp16, int8=args.int8, calib_data=args.calib_data, val_data=args.val_data,
         batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset, gather=args.gather,
         backend=args.backend, out=args.out, tome_r=args.tome_r, tome_r_train=args.tome_r_train,
-        tome_flavour=args.tome_flavour,
+        tome_flavour=args.tome_flavour, tensorrt_versions=args.trt_version,
     )
 
 
@@ -127,6 +133,23 @@ def kept_text(result: dict) -> str:
             else f"overlap {overlap}")
 
 
+def tensorrt_support_lines(manifest: dict, out: Path) -> list[str]:
+    """The parser-support verdict per TensorRT version; a warning with the first problem for a non-target version."""
+    support = manifest.get("tensorrt_support") or {}
+    if not support:
+        return []
+    lines = ["  TensorRT parser support (checked from the graphs): " + ", ".join(
+        f"{table} {'supported' if facts['supported'] else 'NOT supported'}{' (target)' * facts['target']}"
+        for table, facts in support["versions"].items())]
+    for table, facts in support["versions"].items():
+        problems = [(graph, p) for graph, per in support["graphs"].items() for p in per.get(table, [])]
+        if problems and not facts["target"]:
+            graph, first = problems[0]
+            lines.append(f"  warning: {len(problems)} problem(s) on TensorRT {table} (not a --trt-version target), "
+                         f"first: {graph}: {first}; `python -m export.engine {out} --lint` lists them")
+    return lines
+
+
 def summary_lines(result: ExportResult) -> list[str]:
     """The summary a user reads: what was exported, a row per graph and input set, a verdict, the next command."""
     manifest, out = result.manifest.to_dict(), result.out
@@ -151,6 +174,7 @@ def summary_lines(result: ExportResult) -> list[str]:
     if not real:
         lines.append("  note: only random images were seen: reduced-precision graphs were checked for finite "
                      "logits only (pass --val-data with real images to judge their top-1 agreement)")
+    lines += tensorrt_support_lines(manifest, out)
     engine = manifest.get("engine") or {}
     if engine.get("built") is False:
         lines.append(f"  no TensorRT engine: {engine['reason']}")
