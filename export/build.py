@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=bounded(int, MIN_OPSET, 23), default=MIN_OPSET,
                         help=f"ONNX opset, >= {MIN_OPSET} so LayerNormalization is one node")
     parser.add_argument("--gather", choices=SELECTION_FLAVOURS, default="native",
-                        help="token selection in the graph: native TopK + GatherElements, or the TokenGather "
+                        help="token selection in the graph: native TopK + GatherND, or the TokenGather "
                              "TensorRT plugin")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: a TensorRT engine where TensorRT and a GPU are present, else ONNX Runtime "
