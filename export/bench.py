@@ -43,6 +43,7 @@ import numpy as np
 from compress.cli import add_version_argument, bounded, exit_from_cli, parser_from_docstring
 from compress.errors import PipelineError
 from compress.files import atomic_write
+from export.compare import cpu_session_options
 from export.engine import engine_problem, read_manifest
 from export.environment import (command_output, cuda_devices, load_average, target_facts, tensorrt_unavailable_reason,
                                 tool_versions)
@@ -221,9 +222,7 @@ def ort_runner(path: Path, backend: str, batch: int, threads: int) -> Callable[[
     fixed, shape = onnx_input(model)
     if fixed is not None and fixed != batch:
         raise BenchSkip(f"static batch {fixed}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
+    options = cpu_session_options(threads)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
     if any(n.op_type == "TokenGather" for n in model.graph.node):
         if backend != "ort-cpu":

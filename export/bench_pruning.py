@@ -55,6 +55,7 @@ from compress.dynamicvit import DynamicViTBase, create_dynamicvit
 from compress.errors import PipelineError
 from compress.files import atomic_write, prepare_output
 from compress.tome import MERGE_FLAVOURS, ToMeViT, create_tome
+from export.compare import cpu_session_options
 from export.deploy import deploy_copy
 from export.methods import DynamicViTExport
 from export.onnx_export import MIN_OPSET
@@ -335,9 +336,7 @@ def onnx_session(case: Case, sources: Sources, batch: int, threads: int) -> ort.
     else:
         return None
     graph = method.export_onnx(method.deploy_copy(model, "fp32"), flavour, batch, False, MIN_OPSET, False)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(graph.SerializeToString(), cpu_session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def cpu_runners(cases: Sequence[Case], sources: Sources, images: torch.Tensor, frameworks: Sequence[str],
