@@ -60,6 +60,7 @@ from export.deploy import deploy_copy
 from export.methods import DynamicViTExport
 from export.onnx_export import MIN_OPSET
 from export.tome_export import ToMeExport
+from trt_plugins.bench_token_gather import capture_cuda_graph
 
 EXIT_CASE_FAILED = 1
 DEVICES = ("cpu", "cuda")
@@ -128,19 +129,11 @@ def ratio_to_dense(times: list[float], dense: list[float]) -> float:
 def cuda_graph_replay(module: nn.Module, images: torch.Tensor, warmup: int = 3) -> Callable[[], None]:
     """Capture ``module(images)`` once into a CUDA graph and return its replay (a zero-argument callable).
 
-    ``images`` is the static input the graph reads; warm-up runs go on a side stream first, as graph capture
-    requires (lazy initialisation and workspace allocation must not happen while capturing). Call under
-    ``torch.inference_mode()``. The graph and its output stay alive as long as the returned callable.
+    ``images`` is the static input the graph reads (``trt_plugins.bench_token_gather.capture_cuda_graph`` warms up
+    on a side stream first). Call under ``torch.inference_mode()``. The graph and its output stay alive as long as
+    the returned callable.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            module(images)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = module(images)
+    graph, (output,) = capture_cuda_graph(lambda: module(images), 1, warmup)
 
     def replay() -> None:
         graph.replay()

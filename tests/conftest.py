@@ -10,6 +10,17 @@ import torch
 from compress import create_dynamicvit
 from compress.data import DemoDigits
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def torch_free_env(tmp_path: Path) -> dict:
+    """PYTHONPATH with torch.py and timm.py that refuse to import, ahead of the installed packages."""
+    blocked = tmp_path / "blocked"
+    blocked.mkdir(exist_ok=True)
+    for name in ("torch", "timm"):
+        (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is blocked: the target-side tools must not need it')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)])}
+
 
 def demo_batch(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``size`` images and labels of the demo digits' training split (real data, fixed placement)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import torch_free_env
 from export import engine as engine_cli
 from export.golden import GOLDEN_FILE, sha256_of
 from export.tensorrt_engine import (plan_engine, portability_problem, tensorrt_unavailable_reason, timing_cache_path,
@@ -49,15 +50,6 @@ def copy_of(folder: Path, tmp_path: Path) -> Path:
 def run_engine_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "export.engine", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, timeout=300, env=env)
-
-
-def torch_free_env(tmp_path: Path) -> dict:
-    """PYTHONPATH with torch.py and timm.py that refuse to import, ahead of the installed packages."""
-    blocked = tmp_path / "blocked"
-    blocked.mkdir(exist_ok=True)
-    for name in ("torch", "timm"):
-        (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is blocked: the target-side tools must not need it')\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)])}
 
 
 # ----------------------------------------------------------------------------- pure decisions

@@ -8,7 +8,6 @@ subprocess with torch and timm unimportable (it is a target-side tool).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from onnx import TensorProto, defs, helper, numpy_helper
 
 import trt_plugins
+from conftest import torch_free_env
 from export.tensorrt_support import (RULE_CHECKS, SUPPORT_TABLES, SupportDataError, support_data, support_table,
                                      tensorrt_support)
 
@@ -331,14 +331,6 @@ def test_the_manifest_records_the_verdict_per_version(export_folder):
     assert support["targets"] == ["10.3", "11"] and sorted(support["graphs"]) == graphs
     assert all(facts["supported"] and facts["target"] for facts in support["versions"].values()), support
     assert all(per == {"10.3": [], "11": []} for per in support["graphs"].values())
-
-
-def torch_free_env(tmp_path: Path) -> dict:
-    blocked = tmp_path / "blocked"
-    blocked.mkdir(exist_ok=True)
-    for name in ("torch", "timm"):
-        (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is blocked: the target-side tools must not need it')\n")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)])}
 
 
 def lint(folder: Path, tmp_path: Path, *args) -> subprocess.CompletedProcess:

@@ -51,11 +51,11 @@ def median_us(fn: Callable[[], object], iters: int, warmup: int = 20) -> float:
     return statistics.median(times)
 
 
-def graph_median_us(fn: Callable[[], object], iters: int, calls: int, warmup: int = 20) -> float:
-    """Median microseconds per call of ``calls`` calls captured in one CUDA graph, one event pair per replay.
+def capture_cuda_graph(fn: Callable[[], object], calls: int = 1, warmup: int = 20):
+    """``calls`` calls of ``fn`` captured in one CUDA graph: (the graph, the outputs of the captured calls).
 
-    Warm-up runs go on a side stream before the capture, as capture requires; replays then run on the current
-    stream with no launch per call.
+    Warm-up runs go on a side stream before the capture, as capture requires (lazy initialisation and workspace
+    allocation must not happen while capturing). The outputs hold the captured memory: keep them with the graph.
     """
     import torch
 
@@ -67,8 +67,14 @@ def graph_median_us(fn: Callable[[], object], iters: int, calls: int, warmup: in
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        outputs = [fn() for _ in range(calls)]
+    return graph, outputs
+
+
+def graph_median_us(fn: Callable[[], object], iters: int, calls: int, warmup: int = 20) -> float:
+    """Median microseconds per call of ``calls`` calls captured in one CUDA graph, one event pair per replay
+    (replays run on the current stream with no launch per call)."""
+    graph, outputs = capture_cuda_graph(fn, calls, warmup)
     graph.replay()  # the first replay uploads the graph
     return median_us(graph.replay, iters, warmup=2) / calls
 
