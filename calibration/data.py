@@ -1,6 +1,6 @@
 """Calibration sets: a fixed, seeded sample of N images, preprocessed exactly as the model is evaluated.
 
-Sources (``--calib-data``) are those ``compress.images`` reads: ``demo`` (here the demo dataset's *train* split;
+Sources (``--calib-data``) are those ``compress.data.images`` reads: ``demo`` (here the demo dataset's *train* split;
 the test split stays for measuring accuracy), a folder of images, or a ``.npy`` / ``.npz`` file.
 
 ``check_image_source(text)`` refuses a missing, empty or unreadable source cheaply, before any export work.
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import timm
 
-from compress.checkpoint import atomic_write
-from compress.images import (
+from compress.models.checkpoint import atomic_write
+from compress.data.images import (
     ImageSourceError,
     Preprocessing,
     check_image_source,

@@ -43,7 +43,7 @@ from onnx import numpy_helper, version_converter
 
 from calibration.data import array_hash
 from calibration.onnx_graph import FLOAT_TYPES, default_opset, element_types, static_batch
-from compress.errors import PipelineError
+from compress.plumbing.errors import PipelineError
 
 METHODS = ("auto", "modelopt", "ort")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -175,7 +175,7 @@ def resolve_method(method: str) -> str:
 
 
 def package_version(name: str) -> str | None:
-    """The installed version of a distribution, or None. (calibration may not import export.environment, the
+    """The installed version of a distribution, or None. (calibration may not import export.target.environment, the
     home of the export manifest's tool versions; the INT8 report needs only these two.)"""
     try:
         return importlib.metadata.version(name)

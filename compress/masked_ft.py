@@ -1,6 +1,6 @@
 """``python -m compress.masked_ft``: masked fine-tuning of a full-image ViT before DynamicViT training.
 
-Method (Shi & Wang, arXiv 2310.17177): ``compress.masking``. This command is ``compress.train``'s loop with
+Method (Shi & Wang, arXiv 2310.17177): ``compress.training.masking``. This command is ``compress.train``'s loop with
 the masked objective: ``python -m compress.masked_ft --init BASE.pth --out runs/masked`` fine-tunes a base
 model; ``--mask-ratio-max 0`` is plain supervised training of the dense backbone (as
 ``python -m compress.train --dense``). The result initialises ``python -m compress.train --init``.
@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from compress import train
-from compress.cli import exit_from_cli
+from compress.training import train
+from compress.plumbing.cli import exit_from_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

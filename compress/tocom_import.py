@@ -13,8 +13,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from compress import tocom
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, exit_from_cli
+from compress.models import tocom, tocom_files
+
+from compress.plumbing.cli import HelpFormatter, add_version_argument, exit_codes_epilog, exit_from_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def convert(reference: str, out: str, scale: float | None = None) -> tocom.TokenCompensator:
     """Load ``reference``, set its default scale, save it to ``out`` atomically; the plugin."""
-    plugin, _ = tocom.load_reference_plugin(reference)
+    plugin, _ = tocom_files.load_reference_plugin(reference)
     if scale is not None:
         plugin.default_scale = tocom.check_scale(scale)
-    tocom.save_plugin(plugin, out)
+    tocom_files.save_plugin(plugin, out)
     return plugin
 
 

@@ -5,8 +5,10 @@ Python code (the keep-ratio sweep, tests, a notebook). One run:
 
 1. ``ExportRequest.check()``: every option and combination, before any work (keep ratio, opset, batch
    profile, options that would do nothing, data sources, the plugin library, TensorRT when required);
-2. ``load_subject``: the checkpoint, else the demo model, else seeded random weights (labelled as such);
-   ToCom merged into a copy of its weights when asked (the caller's model is never modified);
+2. ``request.method.prepare``: the method (``export.methods``: DynamicViT, ToMe, or any other that keeps the
+   contract) loads its subject (the checkpoint, else the demo model, else seeded random weights, labelled as
+   such), resolves its degree and merges a ToCom plugin into a copy of the weights when asked (the caller's
+   model is never modified);
 3. for each graph (float32 native, plugin flavour, float16, INT8): the method's deploy copy -> ONNX -> its
    debug twin validated on ONNX Runtime against float32 PyTorch -> the shipped graph checked against the twin;
 4. golden data (validation inputs + PyTorch outputs) for re-checking on the target; an engine where TensorRT is;
@@ -14,7 +16,6 @@ Python code (the keep-ratio sweep, tests, a notebook). One run:
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -28,50 +29,31 @@ from typing import Callable
 import onnx
 import torch
 
-import trt_plugins
 from calibration.data import load_calibration_data
 from calibration.int8 import quantize_for_export, transplant_qdq
-from compress.checkpoint import load_dynamicvit
-from compress.cli import package_version
-from compress.data import demo_dataset
-from compress.demo import demo_checkpoint_path
-from compress.dynamicvit import DynamicViTBase
-from compress.errors import PipelineError
-from compress.files import current_umask
-from compress.images import check_image_sources
-from compress.models import create_model
-from compress.tocom import merge_plugin_file, merge_tome_plugin_file
-from compress.tome import MERGE_FLAVOURS, create_tome, load_tome
-from export.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
-from export.engine import build_and_check, with_engines
-from export.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
-from export.golden import debug_file_name, debug_role, sha256_of, write_golden
-from export.methods import DynamicViTExport
+from compress.plumbing.cli import package_version
+from compress.plumbing.errors import PipelineError
+from compress.plumbing.files import current_umask
+from compress.data.images import check_image_sources
+from export.target.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
+from export.target.engine import build_and_check, with_engines
+from export.target.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
+from export.target.golden import debug_file_name, debug_role, sha256_of, write_golden
+from export.errors import ExportError, ValidationFailed
+from export.methods import DEFAULT_METHOD, ExportContract, MethodOptions
 from export.onnx_export import MIN_OPSET
-from export.selection import SELECTION_FLAVOURS
-from export.tensorrt_engine import write_trtexec
-from export.tensorrt_support import check_graphs, manifest_entry, support_table, target_tables
-from export.tome_export import ToMeExport
+from export.subject import VALIDATION_SEED, ExportSubject
+from export.target.tensorrt_engine import write_trtexec
+from export.target.tensorrt_support import check_graphs, manifest_entry, support_table, target_tables
 from export.validate import shipped_vs_debug, validate_graph
 
 log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = 2
 MANIFEST_NAME = "manifest.json"
-VALIDATION_SEED = 0
-RANDOM_MODEL_NAME = "dynamicvit_deit_small"
-DEMO_TEST_IMAGES = 32
 VALIDATION_IMAGES = 64  # real images drawn from --val-data (or the calibration data) for the agreement gate
 BACKENDS = ("auto", "trt", "ort")
 OWNER_FILE = ".owner"  # inside a staging folder: the pid of the export that writes it
-
-
-class ExportError(PipelineError):
-    """An export request that cannot be carried out as asked."""
-
-
-class ValidationFailed(ExportError):
-    """An exported graph disagreed with PyTorch beyond its criteria: nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +62,9 @@ class ExportRequest:
 
     checkpoint: Path | None = None
     model: str | None = None
-    keep: float | None = None  # None: the checkpoint's training keep ratio
+    # The method and its options (degree, graph flavour): DynamicViTOptions(keep, gather) by default, ToMeOptions(r,
+    # r_train, flavour) for token merging, or any method that keeps export.methods' contract.
+    method: MethodOptions = DEFAULT_METHOD
     tocom: Path | None = None
     tocom_scale: float | None = None
     fp16: bool = False
@@ -90,24 +74,10 @@ class ExportRequest:
     batch_size: int = 1
     dynamic_batch: tuple[int, int, int] | None = None
     opset: int = MIN_OPSET
-    gather: str = "native"
     backend: str = "auto"
     out: Path | None = None
-    # Token merging (ToMe) instead of DynamicViT: merge r tokens per block; the checkpoint was fine-tuned at r_train.
-    tome_r: int | None = None
-    tome_r_train: int | None = None
-    tome_flavour: str = "onehot"
     # TensorRT versions the graphs must parse on ("10.3", "11" or "both"); export.build adds the installed one.
     tensorrt_versions: str = "both"
-
-    @property
-    def method_name(self) -> str:
-        return "tome" if self.tome_r is not None else "dynamicvit"
-
-    @property
-    def flavour(self) -> str:
-        """The graph flavour asked for: DynamicViT's token selection, or ToMe's row-merging op."""
-        return self.tome_flavour if self.tome_r is not None else self.gather
 
     @property
     def batch_profile(self) -> tuple[int, int, int]:
@@ -117,23 +87,6 @@ class ExportRequest:
     def precisions(self) -> list[str]:
         return ["fp32"] + ["fp16"] * self.fp16 + ["int8"] * self.int8
 
-    def check_method_options(self) -> None:
-        """DynamicViT's options and ToMe's do not mix; ToMe's do nothing without --tome-r."""
-        if self.tome_r is None:
-            if self.tome_r_train is not None or self.tome_flavour != "onehot":
-                raise ExportError("--tome-r-train / --tome-flavour do nothing without --tome-r (token merging)")
-            return
-        if self.keep is not None:
-            raise ExportError("--keep is DynamicViT's keep ratio; a ToMe export's degree is --tome-r")
-        if self.gather != "native":
-            raise ExportError("--gather is DynamicViT's token selection; ToMe graphs choose --tome-flavour")
-        if self.tome_flavour not in MERGE_FLAVOURS:
-            raise ExportError(f"--tome-flavour must be one of {MERGE_FLAVOURS}, got {self.tome_flavour!r}")
-        if self.tome_r < 0 or (self.tome_r_train or 0) < 0:
-            raise ExportError(f"--tome-r and --tome-r-train must be >= 0, got {self.tome_r} and {self.tome_r_train}")
-        if self.tome_r_train is not None and self.tocom is None:
-            raise ExportError("--tome-r-train does nothing without --tocom (it is the source degree of the ToCom merge)")
-
     def check(self) -> None:
         """Refuse every bad or idle option before any work (one clear line each)."""
         if self.opset < MIN_OPSET:
@@ -142,9 +95,6 @@ class ExportRequest:
             raise ExportError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.dynamic_batch is not None and not 1 <= self.dynamic_batch[0] <= self.dynamic_batch[1] <= self.dynamic_batch[2]:
             raise ExportError(f"--dynamic-batch needs 1 <= MIN <= OPT <= MAX, got {self.dynamic_batch}")
-        if self.gather not in SELECTION_FLAVOURS:
-            raise ExportError(f"--gather must be one of {SELECTION_FLAVOURS}, got {self.gather!r}")
-        self.check_method_options()
         if self.backend not in BACKENDS:
             raise ExportError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         try:
@@ -164,113 +114,10 @@ class ExportRequest:
         check_image_sources({"--calib-data": self.calib_data, "--val-data": self.val_data})
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise ExportError(f"checkpoint not found: {self.checkpoint}")
-        if self.backend != "ort":
-            reason = tensorrt_unavailable_reason()
-            if reason and self.backend == "trt":
-                raise ExportError(f"--backend trt: {reason}; {INSTALL_HINT}")
-            if reason is None and self.gather == "plugin":
-                trt_plugins.find_plugin_library()  # before any work: a missing library names its build command
-
-
-# --- the subject: which model, with which weights -------------------------------------------------------------
-
-
-@dataclass
-class ExportSubject:
-    """What is exported and where it came from (the model itself is never modified by the export)."""
-
-    model: DynamicViTBase
-    label: str
-    source: str
-    random_weights: bool
-    notes: list[str]
-    rho_train: float | None  # the keep ratio the model was trained at, when known (ToCom needs it)
-    real_images: dict[str, torch.Tensor] = field(default_factory=dict)  # named real image sets
-    metadata: dict = field(default_factory=dict)  # the checkpoint's entries besides weights (its data spec)
-
-
-def subject_from_checkpoint(path: Path, label: str, model_name: str | None = None,
-                            real_images: dict | None = None) -> ExportSubject:
-    loaded = load_dynamicvit(path, model_name=model_name)
-    rho_train = loaded.model.keep_ratio if loaded.keep_ratio_known else None
-    return ExportSubject(loaded.model, label, str(path), False, loaded.notes, rho_train, real_images or {},
-                         loaded.metadata)
-
-
-def demo_subject(num_images: int = DEMO_TEST_IMAGES) -> ExportSubject:
-    """The shipped demo checkpoint, with the first images of its test split as real validation images."""
-    test = demo_dataset("test", random_placement=False)
-    images = torch.stack([test[i][0] for i in range(min(num_images, len(test)))])
-    return subject_from_checkpoint(Path(demo_checkpoint_path()), "demo", None, {"demo-test": images})
-
-
-def random_subject(model_name: str) -> ExportSubject:
-    torch.manual_seed(VALIDATION_SEED)  # the same random weights on every run: byte-identical re-exports
-    model = create_model(model_name)
-    return ExportSubject(model, f"{model_name}-random", f"{model_name} (random weights)", True, [], None)
-
-
-def load_subject(checkpoint: Path | None, model_name: str | None) -> ExportSubject:
-    """The checkpoint; else the demo model (unless a model is named); else that model with seeded random weights."""
-    if checkpoint is not None:
-        return subject_from_checkpoint(Path(checkpoint), Path(checkpoint).stem, model_name)
-    if model_name is None:
-        return demo_subject()
-    return random_subject(model_name)
-
-
-def load_tome_subject(checkpoint: Path | None, model_name: str | None, r: int) -> ExportSubject:
-    """A ToMe model at ``r`` from a timm/DeiT checkpoint (or a DynamicViT's backbone); else the demo ViT's
-    backbone with its test images; else ``model_name`` with seeded random weights."""
-    if checkpoint is not None:
-        model, notes = load_tome(checkpoint, r, model_name)
-        return ExportSubject(model, Path(checkpoint).stem, str(checkpoint), False, notes, None)
-    if model_name is None:
-        demo = demo_subject()
-        model, notes = load_tome(demo.source, r)
-        return replace(demo, model=model, label="demo-tome", notes=notes)
-    torch.manual_seed(VALIDATION_SEED)
-    return ExportSubject(create_tome(model_name, r), f"{model_name}-tome-random",
-                         f"{model_name} (random weights)", True, [], None)
-
-
-def with_tocom(subject: ExportSubject, plugin: Path, keep: float, scale: float | None) -> tuple[ExportSubject, dict]:
-    """A copy of the subject with ToCom(rho_train -> keep) folded into its qkv weights; and the manifest entry."""
-    if subject.rho_train is None:
-        raise ExportError("--tocom needs the keep ratio the model was trained at, and this checkpoint does not "
-                          "record it (use a checkpoint written by compress.train)")
-    model = copy.deepcopy(subject.model)
-    entry = merge_plugin_file(model, plugin, keep, scale)
-    return replace(subject, model=model), entry
-
-
-def with_tome_tocom(subject: ExportSubject, plugin: Path, r_train: int, r: int,
-                    scale: float | None) -> tuple[ExportSubject, dict]:
-    """A copy of a ToMe subject with ToCom(r_train -> r) folded into its qkv weights; and the manifest entry."""
-    model = copy.deepcopy(subject.model)
-    entry = merge_tome_plugin_file(model, plugin, r_train, r, scale)
-    return replace(subject, model=model), entry
-
-
-def prepare(request: ExportRequest) -> tuple[ExportSubject, object, dict | None]:
-    """The subject (ToCom merged into a copy when asked), the method's export contract, the ToCom entry."""
-    if request.tome_r is not None:
-        subject = load_tome_subject(request.checkpoint, request.model, request.tome_r)
-        method, tocom = ToMeExport(request.tome_r), None
-        method.schedule(subject.model)  # an r the token count cannot merge: refused before any work
-        if request.tocom is not None:
-            subject, tocom = with_tome_tocom(subject, request.tocom, request.tome_r_train or 0, request.tome_r,
-                                             request.tocom_scale)
-        return subject, method, tocom
-    subject = load_subject(request.checkpoint, request.model)
-    if request.keep is not None:  # the loader's "no training keep ratio recorded" note does not apply
-        subject.notes = [note for note in subject.notes if "no training keep ratio" not in note]
-    keep = request.keep if request.keep is not None else subject.model.keep_ratio
-    subject.model.stage_keep_counts(keep)  # a keep that keeps no token: refused before any work
-    tocom = None
-    if request.tocom is not None:
-        subject, tocom = with_tocom(subject, request.tocom, keep, request.tocom_scale)
-    return subject, DynamicViTExport(keep), tocom
+        reason = tensorrt_unavailable_reason() if self.backend != "ort" else "--backend ort"
+        if reason and self.backend == "trt":
+            raise ExportError(f"--backend trt: {reason}; {INSTALL_HINT}")
+        self.method.check(self, engines_here=reason is None)
 
 
 # --- validation inputs ------------------------------------------------------------------------------------------
@@ -459,7 +306,7 @@ class Manifest:
     device: dict
     engine: dict = field(default_factory=dict)
     engines: dict = field(default_factory=dict)
-    tensorrt_support: dict = field(default_factory=dict)  # export.tensorrt_support's verdict per TensorRT version
+    tensorrt_support: dict = field(default_factory=dict)  # export.target.tensorrt_support's verdict per TensorRT version
     target: dict | None = None
     build_seconds: float | None = None
     schema_version: int = MANIFEST_SCHEMA
@@ -477,15 +324,16 @@ class ExportResult:
     out: Path
     manifest: Manifest
     untouched: list[str]  # files in out this tool did not write, left alone
+    degree_text: str = ""  # the method's degree in words ("at keep 0.6 (patch tokens 64 -> [38, 23, 14])")
+    decisions: str = "decisions"  # what the debug twins' extra outputs are ("kept tokens", "merges")
 
 
 Progress = Callable[[str], None]
 
 
-def default_out(request: ExportRequest, label: str, method) -> Path:
+def default_out(request: ExportRequest, label: str, method: ExportContract) -> Path:
     precision = "int8" if request.int8 else "fp16" if request.fp16 else "fp32"
-    degree = f"r{request.tome_r}" if request.tome_r is not None else f"keep{method.keep_ratio:g}"
-    return Path("exports") / f"{label}_{degree}_{precision}"
+    return Path("exports") / f"{label}_{method.degree_tag}_{precision}"
 
 
 def input_shape(request: ExportRequest, image_shape: tuple[int, int, int]) -> list:
@@ -493,7 +341,7 @@ def input_shape(request: ExportRequest, image_shape: tuple[int, int, int]) -> li
     return ["batch" if request.dynamic_batch else request.batch_size, *image_shape]
 
 
-def export_graphs(method, model: DynamicViTBase, request: ExportRequest, inputs: dict, calibration_images,
+def export_graphs(method: ExportContract, model: torch.nn.Module, request: ExportRequest, inputs: dict, calibration_images,
                   calibration_info: dict | None, progress: Progress) -> list[GraphResult]:
     """Every graph the request asks for, validated (raises ExportError on the first that fails)."""
     low, opt, high = request.batch_profile
@@ -508,7 +356,7 @@ def export_graphs(method, model: DynamicViTBase, request: ExportRequest, inputs:
         graph, debug = onnx_of(flavour, precision, False), onnx_of(flavour, precision, True)
         return check_graph(graph, debug, reference, inputs, precision, role, path, flavour, batch_sizes)
 
-    base, chosen = method.flavours[0], request.flavour
+    base, chosen = method.flavours[0], request.method.flavour
     results = []
     progress(f"exporting and validating the float32 ONNX ({method.name}, {base} flavour)")
     results.append(exported(base, "fp32", "onnx", "model.onnx"))
@@ -555,7 +403,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
     started = time.perf_counter()
     request.check()
     progress("loading the model")
-    subject, method, tocom = prepare(request)
+    subject, method, tocom = request.method.prepare(request)
     out = Path(request.out) if request.out is not None else default_out(request, subject.label, method)
     previous = previous_manifest(out)
     inputs, input_sources = validation_inputs(subject, request)
@@ -576,7 +424,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
         untouched = publish(staging, out, previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out, manifest, untouched)
+    return ExportResult(out, manifest, untouched, method.degree_text(subject.model), method.decisions)
 
 
 def tensorrt_support_step(request: ExportRequest, staging: Path, manifest: Manifest, progress: Progress) -> Manifest:
@@ -620,7 +468,7 @@ def tokens_entry(description: dict, patches: int) -> dict:
     return {"patches": patches, **{key: description[key] for key in keys if key in description}}
 
 
-def build_manifest(request: ExportRequest, subject: ExportSubject, method, tocom: dict | None,
+def build_manifest(request: ExportRequest, subject: ExportSubject, method: ExportContract, tocom: dict | None,
                    graphs: list[GraphResult], artifacts: list[dict], input_sources: dict) -> Manifest:
     model = subject.model
     low, opt, high = request.batch_profile
@@ -636,12 +484,12 @@ def build_manifest(request: ExportRequest, subject: ExportSubject, method, tocom
             "loader_notes": subject.notes,
         },
         method=method.describe(model),
-        keep_ratio=getattr(method, "keep_ratio", None),
+        keep_ratio=method.keep_ratio,
         tokens=tokens_entry(method.describe(model), model.num_patches),
         macs=method.macs(model),
         tocom=tocom,
         precision=request.precisions,
-        gather=request.flavour,
+        gather=request.method.flavour,
         default_flavour=method.flavours[0],
         input={"name": "images", "shape": input_shape(request, model.image_shape), "dtype": "float32"},
         batch={"dynamic": request.dynamic_batch is not None, "min": low, "opt": opt, "max": high},

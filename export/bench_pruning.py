@@ -43,7 +43,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from compress.cli import (
+from compress.plumbing.cli import (
     add_version_argument,
     exit_from_cli,
     keep_ratio_argument,
@@ -51,11 +51,11 @@ from compress.cli import (
     parser_from_docstring,
     positive_int,
 )
-from compress.dynamicvit import DynamicViTBase, create_dynamicvit
-from compress.errors import PipelineError
-from compress.files import atomic_write, prepare_output
-from compress.tome import MERGE_FLAVOURS, ToMeViT, create_tome
-from export.compare import cpu_session_options
+from compress.models.dynamicvit import DynamicViTBase, create_dynamicvit
+from compress.plumbing.errors import PipelineError
+from compress.plumbing.files import atomic_write, prepare_output
+from compress.models.tome import MERGE_FLAVOURS, ToMeViT, create_tome
+from export.target.compare import cpu_session_options
 from export.deploy import deploy_copy
 from export.methods import DynamicViTExport
 from export.onnx_export import MIN_OPSET

@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from compress.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, exit_from_cli
-from compress.tome import MERGE_FLAVOURS
-from export.api import BACKENDS, ExportRequest, ExportResult, ValidationFailed, export_model
-from export.compare import RANDOM_INPUTS
+from compress.plumbing.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, exit_from_cli
+from compress.models.tome import MERGE_FLAVOURS
+from export.api import BACKENDS, ExportError, ExportRequest, ExportResult, ValidationFailed, export_model
+from export.methods import DynamicViTOptions, MethodOptions
+from export.target.compare import RANDOM_INPUTS
 from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
-from export.tensorrt_support import SUPPORT_TABLES
+from export.target.tensorrt_support import SUPPORT_TABLES
+from export.tome_export import ToMeOptions
 
 
 EXIT_VALIDATION_FAILED = 1
@@ -96,13 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     return add_version_argument(parser)
 
 
+def method_from_args(args: argparse.Namespace) -> MethodOptions:
+    """The method the flags ask for: ToMe with --tome-r, else DynamicViT; flags of the other method are refused."""
+    if args.tome_r is None:
+        if args.tome_r_train is not None or args.tome_flavour != MERGE_FLAVOURS[0]:
+            raise ExportError("--tome-r-train / --tome-flavour do nothing without --tome-r (token merging)")
+        return DynamicViTOptions(keep=args.keep, gather=args.gather)
+    if args.keep is not None:
+        raise ExportError("--keep is DynamicViT's keep ratio; a ToMe export's degree is --tome-r")
+    if args.gather != SELECTION_FLAVOURS[0]:
+        raise ExportError("--gather is DynamicViT's token selection; ToMe graphs choose --tome-flavour")
+    return ToMeOptions(r=args.tome_r, r_train=args.tome_r_train, flavour=args.tome_flavour)
+
+
 def request_from_args(args: argparse.Namespace) -> ExportRequest:
     return ExportRequest(
-        checkpoint=args.checkpoint, model=args.model, keep=args.keep, tocom=args.tocom, tocom_scale=args.tocom_scale,
-        fp16=args.fp16, int8=args.int8, calib_data=args.calib_data, val_data=args.val_data,
-        batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset, gather=args.gather,
-        backend=args.backend, out=args.out, tome_r=args.tome_r, tome_r_train=args.tome_r_train,
-        tome_flavour=args.tome_flavour, tensorrt_versions=args.trt_version,
+        checkpoint=args.checkpoint, model=args.model, method=method_from_args(args), tocom=args.tocom,
+        tocom_scale=args.tocom_scale, fp16=args.fp16, int8=args.int8, calib_data=args.calib_data,
+        val_data=args.val_data, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
+        backend=args.backend, out=args.out, tensorrt_versions=args.trt_version,
     )
 
 
@@ -115,14 +129,6 @@ class Progress:
     def __call__(self, text: str) -> None:
         self.done += 1
         print(f"[{self.done} {time.perf_counter() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
-
-
-def degree_text(manifest: dict) -> str:
-    tokens = manifest["tokens"]
-    if manifest["method"]["method"] == "tome":
-        per_block = tokens["tokens_per_block"]
-        return f"at r {manifest['method']['r']} (tokens {per_block[0]} -> {per_block[-1]})"
-    return f"at keep {manifest['keep_ratio']:g} (patch tokens {tokens['patches']} -> {tokens['kept_per_stage'] or 'dense'})"
 
 
 def kept_text(result: dict) -> str:
@@ -153,7 +159,7 @@ def tensorrt_support_lines(manifest: dict, out: Path) -> list[str]:
 def summary_lines(result: ExportResult) -> list[str]:
     """The summary a user reads: what was exported, a row per graph and input set, a verdict, the next command."""
     manifest, out = result.manifest.to_dict(), result.out
-    lines = [f"exported {manifest['model']['label']} {degree_text(manifest)} into {out}/"]
+    lines = [f"exported {manifest['model']['label']} {result.degree_text} into {out}/"]
     if manifest["model"]["random_weights"]:
         lines.append("  note: RANDOM WEIGHTS (no checkpoint given): for checking the pipeline only")
     lines += [f"  note: {note}" for note in manifest["model"]["loader_notes"]]
@@ -161,8 +167,7 @@ def summary_lines(result: ExportResult) -> list[str]:
         t = manifest["tocom"]
         source, target = (("r_train", "r") if "r_train" in t else ("rho_train", "keep"))
         lines.append(f"  ToCom merged: {source} {t[source]} -> {target} {t[target]}, scale {t['scale']}")
-    decisions = "merges" if manifest["method"]["method"] == "tome" else "kept tokens"
-    lines.append(f"  {'artefact':<26} {'images':<11} {'batch':>5} {'max abs err':>11} {'top-1':>6}  {decisions:<13} judged on")
+    lines.append(f"  {'artefact':<26} {'images':<11} {'batch':>5} {'max abs err':>11} {'top-1':>6}  {result.decisions:<13} judged on")
     role_of = {a["role"]: a for a in manifest["artifacts"]}
     for role, entry in manifest["validation"].items():
         for c in entry["comparisons"]:

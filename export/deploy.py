@@ -16,8 +16,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from compress.dynamicvit import DynamicViTBase, as_float32
-from compress.errors import PipelineError
+from compress.models.dynamicvit import DynamicViTBase, as_float32
+from compress.plumbing.errors import PipelineError
 
 PRECISIONS = ("fp32", "fp16")
 

@@ -34,9 +34,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from compress.cli import add_version_argument, exit_from_cli, parser_from_docstring, positive_int
-from compress.errors import PipelineError
-from compress.files import atomic_write, prepare_output
+from compress.plumbing.cli import add_version_argument, exit_from_cli, parser_from_docstring, positive_int
+from compress.plumbing.errors import PipelineError
+from compress.plumbing.files import atomic_write, prepare_output
 
 EXIT_CHECK_FAILED = 1
 REPO = Path(__file__).resolve().parents[1]

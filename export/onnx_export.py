@@ -14,9 +14,9 @@ import onnx
 import torch
 import torch.nn as nn
 
-from compress.cli import package_version
-from compress.dynamicvit import DynamicViTBase, as_float32
-from compress.errors import PipelineError
+from compress.plumbing.cli import package_version
+from compress.models.dynamicvit import DynamicViTBase, as_float32
+from compress.plumbing.errors import PipelineError
 from export.selection import SELECTION_FLAVOURS, native_token_selector, plugin_token_selector
 
 MIN_OPSET = 17  # LayerNormalization is one node from opset 17 on (fp16-safe on TensorRT)

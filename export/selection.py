@@ -10,7 +10,7 @@ indices [B, 1 + k, 1] int64 for the debug outputs:
   (op type, version and namespace attributes follow the TensorRT ONNX parser's plugin convention), fed the
   patch tokens' scores.
 
-Both compute ``compress.token_select.select_scored_tokens`` and follow the project's tie rule: ONNX TopK
+Both compute ``compress.models.token_select.select_scored_tokens`` and follow the project's tie rule: ONNX TopK
 orders equal values by lower index, and the plugin is held to the same rule.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 import trt_plugins
-from compress.token_select import gather_tokens, select_tokens
+from compress.models.token_select import gather_tokens, select_tokens
 
 SELECTION_FLAVOURS = ("native", "plugin")
 

@@ -3,14 +3,14 @@
 Graph contract: input ``images`` [B, 3, H, W] float32; output ``logits`` [B, classes] float32; the debug twin also
 outputs ``merges_block{l}`` [B, r_l] int64 for every block l that merges: one code per merged token, in rank
 order, ``source * t_l + destination`` with both as positions in block l's sequence of t_l tokens
-(``compress.tome.merge_decisions``). The codes are unique per row, so comparing them as sets checks which tokens
+(``compress.models.tome.merge_decisions``). The codes are unique per row, so comparing them as sets checks which tokens
 merged where, and in order checks the ranking. Token counts are static; the batch is static or dynamic.
 
 Graph flavours (the merge's row additions; everything else is the same graph):
 - ``onehot`` (default): a one-hot MatMul adds the merged tokens into their destinations: no scatter at all;
 - ``scatter``: ScatterElements with reduction "add" (opset >= 16; TensorRT runs it through the ScatterElements
   plugin of its plugin library, from TensorRT 10).
-Both write the matching (``compress.tome``) as ReduceMin + ArgMin (first minimum: the lower B index), one TopK
+Both write the matching (``compress.models.tome``) as ReduceMin + ArgMin (first minimum: the lower B index), one TopK
 ranking the A tokens (ONNX's tie rule: the lower index first, which eager PyTorch's stable sort follows) and one
 TopK putting the kept indices in ascending order, and gather rows with GatherND (batch_dims 1): no data-dependent
 branch, so PyTorch and ONNX take the same decisions by the same tie rule. In float16 graphs the matching scores,
@@ -19,20 +19,25 @@ the merge sums and sizes, the weighted average, the attention softmax and the no
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import onnx
 import torch
 import torch.nn as nn
 
-from compress.dynamicvit import as_float32
-from compress.errors import PipelineError
-from compress.tome import (MERGE_FLAVOURS, TIE_RULE, ToMeViT, check_schedule_merges, merges_in_block, parse_r_schedule,
-                          token_counts)
+from compress.models.dynamicvit import as_float32
+from compress.models.tocom_files import merge_tome_plugin_file
+from compress.models.tome import (MERGE_FLAVOURS, TIE_RULE, ToMeViT, check_schedule_merges, create_tome, load_tome,
+                                  merges_in_block, parse_r_schedule, token_counts)
+from compress.plumbing.errors import PipelineError
 from export.deploy import PRECISIONS, with_float32_norms
+from export.errors import ExportError
 from export.onnx_export import MIN_OPSET, torchscript_export
-from export.tensorrt_engine import minimum_version_problem
+from export.subject import ExportSubject, demo_subject, seeded_random_weights, with_model_copy
+from export.target.tensorrt_engine import minimum_version_problem
 
 Reference = tuple[np.ndarray, list[np.ndarray]]
 MIN_SCATTER_OPSET = 16  # ScatterElements' "add" reduction; torch writes an overwriting scatter below it
@@ -98,11 +103,17 @@ class ToMeExport:
 
     name = "tome"
     flavours = MERGE_FLAVOURS
-    # INT8 leaves the merges in float: their scores decide which tokens merge (``compress.tome.TokenMerge``).
+    # INT8 leaves the merges in float: their scores decide which tokens merge (``compress.models.tome.TokenMerge``).
     float_scopes: tuple[str, ...] = ("/token_merge",)
+    decisions = "merges"
+    keep_ratio = None  # ToMe's degree is r; the manifest's keep_ratio stays empty
 
     def __init__(self, r: int | Sequence[int]):
         self.r = r if isinstance(r, int) else tuple(r)
+
+    @property
+    def degree_tag(self) -> str:
+        return f"r{self.r}" if isinstance(self.r, int) else "r" + "-".join(map(str, self.r))
 
     def schedule(self, model: ToMeViT) -> tuple[int, ...]:
         """The r of every block; ToMeError for an r the model's token count cannot merge."""
@@ -163,5 +174,58 @@ class ToMeExport:
             "min_tensorrt_version": dict(MIN_TENSORRT_VERSION),
         }
 
+    def degree_text(self, model: ToMeViT) -> str:
+        counts = model.token_counts(self.schedule(model))
+        return f"at r {self.describe(model)['r']} (tokens {counts[0]} -> {counts[-1]})"
+
     def macs(self, model: ToMeViT) -> int:
         return model.macs(self.schedule(model))
+
+
+def load_tome_subject(checkpoint: Path | None, model_name: str | None, r: int) -> ExportSubject:
+    """A ToMe model at ``r`` from a timm/DeiT checkpoint (or a DynamicViT's backbone); else the demo ViT's
+    backbone with its test images; else ``model_name`` with seeded random weights."""
+    if checkpoint is not None:
+        model, notes = load_tome(checkpoint, r, model_name)
+        return ExportSubject(model, Path(checkpoint).stem, str(checkpoint), False, notes, None)
+    if model_name is None:
+        demo = demo_subject()
+        model, notes = load_tome(demo.source, r)
+        return replace(demo, model=model, label="demo-tome", notes=notes)
+    seeded_random_weights()
+    return ExportSubject(create_tome(model_name, r), f"{model_name}-tome-random",
+                         f"{model_name} (random weights)", True, [], None)
+
+
+def with_tome_tocom(subject: ExportSubject, plugin: Path, r_train: int, r: int,
+                    scale: float | None) -> tuple[ExportSubject, dict]:
+    """A copy of a ToMe subject with ToCom(r_train -> r) folded into its qkv weights; and the manifest entry."""
+    merged = with_model_copy(subject)
+    return merged, merge_tome_plugin_file(merged.model, plugin, r_train, r, scale)
+
+
+@dataclass(frozen=True)
+class ToMeOptions:
+    """Token merging (ToMe): ``r`` tokens merged per block, on a plain timm/DeiT checkpoint fine-tuned at
+    ``r_train`` (the source degree of a ToCom merge; None: 0); ``flavour``: how merged rows are added."""
+
+    r: int
+    r_train: int | None = None
+    flavour: str = MERGE_FLAVOURS[0]
+    name: ClassVar[str] = ToMeExport.name
+
+    def check(self, request, engines_here: bool) -> None:
+        if self.flavour not in MERGE_FLAVOURS:
+            raise ExportError(f"--tome-flavour must be one of {MERGE_FLAVOURS}, got {self.flavour!r}")
+        if self.r < 0 or (self.r_train or 0) < 0:
+            raise ExportError(f"--tome-r and --tome-r-train must be >= 0, got {self.r} and {self.r_train}")
+        if self.r_train is not None and request.tocom is None:
+            raise ExportError("--tome-r-train does nothing without --tocom (it is the source degree of the ToCom merge)")
+
+    def prepare(self, request) -> tuple[ExportSubject, ToMeExport, dict | None]:
+        subject = load_tome_subject(request.checkpoint, request.model, self.r)
+        method, tocom = ToMeExport(self.r), None
+        method.schedule(subject.model)  # an r the token count cannot merge: refused before any work
+        if request.tocom is not None:
+            subject, tocom = with_tome_tocom(subject, request.tocom, self.r_train or 0, self.r, request.tocom_scale)
+        return subject, method, tocom

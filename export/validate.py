@@ -1,7 +1,7 @@
 """Validation of exported graphs against PyTorch: the check that runs before anything is final.
 
 This is the torch side: the PyTorch reference and the ONNX Runtime runs that are compared with it. The
-comparison itself (figures, criteria, batching) lives in ``export.compare`` so the target-side engine check,
+comparison itself (figures, criteria, batching) lives in ``export.target.compare`` so the target-side engine check,
 which has no torch, judges with the same code.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import torch
 
-from compress.dynamicvit import DynamicViT
-from export.compare import (RANDOM_INPUTS, Comparison, Reference, compare, onnxruntime_session, run_batched,
+from compress.models.dynamicvit import DynamicViT
+from export.target.compare import (RANDOM_INPUTS, Comparison, Reference, compare, onnxruntime_session, run_batched,
                             session_runner, static_batch)
 
 __all__ = ["RANDOM_INPUTS", "Comparison", "compare", "onnxruntime_session", "pytorch_reference", "run_batched",

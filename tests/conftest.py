@@ -1,3 +1,6 @@
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -8,7 +11,8 @@ import pytest
 import torch
 
 from compress import create_dynamicvit
-from compress.data import DemoDigits
+from compress.data.datasets import DemoDigits
+from compress.plumbing.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,6 +24,19 @@ def torch_free_env(tmp_path: Path) -> dict:
     for name in ("torch", "timm"):
         (blocked / f"{name}.py").write_text(f"raise ImportError('{name} is blocked: the target-side tools must not need it')\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)])}
+
+
+def run_in_process(module: str, *args) -> subprocess.CompletedProcess:
+    """``python -m module args`` without a new interpreter (no 5 s of torch and timm imports): the same
+    ``run_cli(main)`` that the module's ``__main__`` runs, argparse's exits included."""
+    main = importlib.import_module(module).main
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = run_cli(main, [str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    return subprocess.CompletedProcess([module, *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def demo_batch(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +51,7 @@ def assert_masked_forward_matches_pruned(model, images: torch.Tensor) -> None:
     inference's logits and kept sets, for any family. Dropped tokens still receive eps/N of attention and kept
     tokens see dropped values at that weight, so the two differ by O(1e-6); 1e-4 absolute bounds that with margin.
     """
-    from compress.token_select import top_k_decision
+    from compress.models.token_select import top_k_decision
 
     counts = model.stage_keep_counts()
 

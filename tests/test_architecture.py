@@ -2,31 +2,34 @@
 
 Layers: compress (models, methods, checkpoints, training) <- calibration (calibration data, quantisation) <- export
 (deploy, ONNX, validation, engines, benchmarks, the keep-ratio sweep); trt_plugins sits beside export and may use
-only compress's torch-free plumbing. Imports of this project's own modules are module-level: a function-level one
+only compress's torch-free plumbing. The target stage (export.target) reaches no torch or timm through any import,
+at any depth. Imports of this project's own modules are module-level: a function-level one
 is allowed only where a torch-free module (the target-side tools run on a Jetson without torch) reaches into a
 torch one, and is listed here with that reason.
 """
 from __future__ import annotations
 
 import ast
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from compress.models import DEFAULT_KEEP_RATIO, create_model, list_models, model_from_config, variant
-from compress.registry import DynamicViTConfig
-from export.compare import FLOAT32_MAX_ABS_ERROR
+from compress.models.registry import DynamicViTConfig
+from export.target.compare import FLOAT32_MAX_ABS_ERROR
 from export.methods import DynamicViTExport
 from export.validate import validate_graph
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("compress", "calibration", "export", "trt_plugins")
 LAYER = {"compress": 0, "calibration": 1, "export": 2, "trt_plugins": 2}
-TORCH_FREE_PLUMBING = {"compress.errors", "compress.cli", "compress.files"}
+TORCH_FREE_PLUMBING = {"compress.plumbing.errors", "compress.plumbing.cli", "compress.plumbing.files"}
 # (importing module, imported module): a torch-free module that reaches a torch one only when that path is used.
 LAZY_PROJECT_IMPORTS = {
-    ("export/bench.py", "compress.checkpoint"),  # PyTorch eager timing of a checkpoint: torch needed then only
+    ("export/bench.py", "compress.models.checkpoint"),  # PyTorch eager timing of a checkpoint: torch needed then only
 }
 
 
@@ -62,6 +65,121 @@ def test_no_upward_imports_and_no_hidden_project_imports(path):
             assert LAYER[target] <= LAYER[package], f"{relative} imports {module}: an upward import"
         assert top_level or (relative, module) in LAZY_PROJECT_IMPORTS, (
             f"{relative} imports {module} inside a function: move it to the top (or break the cycle it hides)")
+
+
+# --- compress/: plumbing <- models, data <- training <- the commands ------------------------------------------
+
+# The groups of compress/ and what each may import of the others: the torch-free plumbing imports nothing of the
+# project; models and data only the plumbing (never each other); training all three; the commands at compress/'s
+# top level (train, masked_ft, describe, ...) anything in compress.
+COMPRESS_GROUP_LEVEL = {"plumbing": 0, "models": 1, "data": 1, "training": 2}
+COMMANDS_LEVEL = 3
+
+
+def compress_group(module: str) -> tuple[str, int]:
+    """(group, level) of a compress module: its subpackage, or the commands at compress/'s top level."""
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in COMPRESS_GROUP_LEVEL:
+        return parts[1], COMPRESS_GROUP_LEVEL[parts[1]]
+    return "commands", COMMANDS_LEVEL
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "compress").rglob("*.py")), ids=lambda p: str(p.relative_to(REPO)))
+def test_compress_groups_import_only_downward(path):
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+    group, level = compress_group(module)
+    for imported, _ in project_imports(path):
+        if imported.split(".")[0] != "compress" or imported == "compress":
+            assert group != "plumbing", f"{module} imports {imported}: the plumbing imports nothing of the project"
+            continue
+        other, other_level = compress_group(imported)
+        assert other == group or other_level < level, f"{module} ({group}) imports {imported} ({other})"
+
+
+def test_the_plumbing_needs_nothing_but_the_standard_library():
+    external = reachable_imports(["compress.plumbing.errors", "compress.plumbing.cli", "compress.plumbing.files"])
+    assert external == {}, external
+
+
+# --- the target stage: torch-free over the whole import graph -------------------------------------------------
+
+TARGET_PACKAGE = "export.target"
+# What the target stage may import on a Jetson besides the standard library: these distributions, and project
+# modules that (transitively) import nothing else. Function-level imports count: a Jetson user can reach them.
+# onnxruntime_extensions runs the plugin flavour's TokenGather node on ONNX Runtime (optional, imported on use).
+TARGET_THIRD_PARTY = {"numpy", "onnx", "onnxruntime", "onnxruntime_extensions", "polygraphy", "tensorrt"}
+
+
+def module_path(module: str, root: Path = REPO) -> Path | None:
+    """The file of a project module (a package's __init__.py for a package), or None when it is not the project's."""
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an import statement of ``path`` names, at any level (a function-level import counts too)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import module`
+    return found
+
+
+def reachable_imports(start: list[str], root: Path = REPO) -> dict[str, str]:
+    """Third-party top-level name -> the project module importing it, over every project module reachable from
+    ``start`` (importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` too)."""
+    seen, todo, external = set(), list(start), {}
+    while todo:
+        module = todo.pop()
+        parts = module.split(".")
+        for depth in range(1, len(parts) + 1):
+            name = ".".join(parts[:depth])
+            path = module_path(name, root)
+            if path is None or name in seen:
+                continue
+            seen.add(name)
+            for imported in imported_modules(path):
+                if module_path(imported.split(".")[0], root) is not None:
+                    todo.append(imported)
+                elif imported.split(".")[0] not in sys.stdlib_module_names:
+                    external.setdefault(imported.split(".")[0], name)
+    return external
+
+
+def target_modules(root: Path = REPO) -> list[str]:
+    return sorted(".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+                  for p in (root / "export" / "target").rglob("*.py"))
+
+
+def test_the_target_stage_imports_no_torch_over_its_whole_import_graph():
+    modules = target_modules()
+    assert {"export.target.engine", "export.target.bench", "export.target.compare", "export.target.golden",
+            "export.target.tensorrt_support", "export.target.tensorrt_engine"} <= set(modules)
+    external = reachable_imports(modules)
+    assert set(external) <= TARGET_THIRD_PARTY, {name: external[name] for name in set(external) - TARGET_THIRD_PARTY}
+    assert {"numpy", "onnx", "onnxruntime", "tensorrt"} <= set(external)  # the walk does reach the runtimes
+
+
+def test_the_import_walk_finds_a_torch_import_planted_deep_in_the_target_stage(tmp_path):
+    """A function-level torch import in a module the target reaches only through another (golden via compare's
+    sibling engine) is named, with the module that holds it."""
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    golden = tmp_path / "export" / "target" / "golden.py"
+    golden.write_text(golden.read_text() + "\n\ndef planted():\n    import torch.nn\n")
+    external = reachable_imports(["export.target.engine"], tmp_path)
+    assert external.get("torch") == "export.target.golden"
+    # A planted import through the plumbing the target uses is found as well.
+    errors = tmp_path / "compress" / "plumbing" / "errors.py"
+    errors.write_text(errors.read_text() + "\nfrom compress.models.checkpoint import load_dynamicvit  # noqa\n")
+    assert "torch" in reachable_imports(["export.target.compare"], tmp_path)
 
 
 # --- every registered variant ----------------------------------------------------------------------------------

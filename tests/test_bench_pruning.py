@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.cli import EXIT_USER_ERROR
-from compress.dynamicvit import create_dynamicvit
-from compress.errors import PipelineError
-from compress.tome import create_tome
+from compress.plumbing.cli import EXIT_USER_ERROR
+from compress.models.dynamicvit import create_dynamicvit
+from compress.plumbing.errors import PipelineError
+from compress.models.tome import create_tome
 from export import bench_pruning as bench
 from test_cli_errors import assert_user_error, run, run_in_process
 
@@ -83,7 +83,7 @@ def test_cases_dense_first_with_analytic_macs_and_no_duplicates(demo_sources):
     cases = bench.plan_cases(demo_sources.model, demo_sources.tome, [0.7, 1.0, 0.7, 0.5], [4, 4, 8], timm_dense=True)
     assert [c.name for c in cases] == ["dense", "keep 0.7", "keep 0.5", "tome r 4", "tome r 8", "timm dense"]
     by_name = {c.name: c for c in cases}
-    from compress.complexity import analytic_macs
+    from compress.models.complexity import analytic_macs
 
     shape = demo_sources.model.cost_shape()
     assert by_name["dense"].macs == by_name["timm dense"].macs == analytic_macs(shape, 1.0)

@@ -27,10 +27,10 @@ from calibration.int8 import (
 )
 from calibration.onnx_graph import default_opset, element_types
 from compress import create_dynamicvit
-from compress.checkpoint import load_dynamicvit
-from compress.demo import demo_checkpoint_path
-from compress.errors import PipelineError
-from export.compare import (
+from compress.models.checkpoint import load_dynamicvit
+from compress.models.checkpoint import demo_checkpoint_path
+from compress.plumbing.errors import PipelineError
+from export.target.compare import (
     REDUCED_PRECISION_MIN_TOP1_AGREEMENT,
     compare,
     onnxruntime_session,
@@ -321,13 +321,13 @@ def test_modelopt_method_without_modelopt_names_the_install_command(small_graphs
 
 
 def test_int8_tensorrt_engine_runs_the_mixed_float16_qdq_graph(small_graphs, small_int8, tmp_path):
-    from export.environment import tensorrt_unavailable_reason
+    from export.target.environment import tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason()
     if reason:
         pytest.skip(reason)
     import tensorrt as trt
-    from export.tensorrt_engine import TensorRTRunner, build_engine, plan_engine
+    from export.target.tensorrt_engine import TensorRTRunner, build_engine, plan_engine
 
     _, graphs = small_graphs
     quantized, _ = small_int8

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from compress import create_dynamicvit
-from compress.checkpoint import infer_config, load_dynamicvit, save_dynamicvit
-from compress.errors import CheckpointError
+from compress.models.checkpoint import infer_config, load_dynamicvit, save_dynamicvit
+from compress.plumbing.errors import CheckpointError
+from conftest import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,8 +119,9 @@ def test_cli_bad_checkpoints_fail_with_one_clear_line(tmp_path, tiny_state):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 3])
     random_bytes = tmp_path / "random.pth"
     random_bytes.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
-    assert_one_line_error(run_inspect(truncated), "corrupt or truncated")
-    assert_one_line_error(run_inspect(random_bytes), "not a PyTorch checkpoint")
-    assert_one_line_error(run_inspect(tmp_path / "absent.pth"), "checkpoint not found")
-    assert_one_line_error(run_inspect(good, "--model", "dynamicvit_deit_base"), "shape mismatches")
-    assert_one_line_error(run_inspect(good, "--keep", "0.05"), "keeps no patch token")
+    assert_one_line_error(run_inspect(truncated), "corrupt or truncated")  # a real process: its exit code and stderr
+    # The same command in process (what its __main__ runs, without the interpreter's 5 s of imports).
+    assert_one_line_error(run_in_process("compress.describe", random_bytes), "not a PyTorch checkpoint")
+    assert_one_line_error(run_in_process("compress.describe", tmp_path / "absent.pth"), "checkpoint not found")
+    assert_one_line_error(run_in_process("compress.describe", good, "--model", "dynamicvit_deit_base"), "shape mismatches")
+    assert_one_line_error(run_in_process("compress.describe", good, "--keep", "0.05"), "keeps no patch token")

@@ -24,10 +24,11 @@ import torch
 from PIL import Image
 
 from compress import create_dynamicvit
-from compress.checkpoint import save_dynamicvit
-from compress.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, keep_ratio_argument, positive_int, run_cli
-from compress.errors import PipelineError
-from compress.images import ImageSourceError, check_image_source
+from compress.models.checkpoint import save_dynamicvit
+from compress.plumbing.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, keep_ratio_argument, positive_int
+from compress.plumbing.errors import PipelineError
+from compress.data.images import ImageSourceError, check_image_source
+from conftest import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = importlib.metadata.version("vit-prune-deploy")
@@ -46,18 +47,6 @@ def sigint_as_a_terminal_sends_it():
 def run(*args: str | os.PathLike, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout)
-
-
-def run_in_process(module: str, *args: str | os.PathLike) -> subprocess.CompletedProcess:
-    """``python -m module args`` without a new interpreter: the same ``run_cli(main)`` (argparse's exits included)."""
-    main = importlib.import_module(module).main
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            code = run_cli(main, [str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return subprocess.CompletedProcess([module, *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -240,7 +229,7 @@ def test_training_ends_by_printing_where_its_checkpoint_went(tmp_path):
 PLUGIN_LOOP = """
 import sys
 import numpy as np
-from compress.cli import run_cli
+from compress.plumbing.cli import run_cli
 from trt_plugins.ort_token_gather import make_session, make_token_gather_model
 
 def main(argv):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from compress.data import DataError, DemoDigits, build_datasets, demo_dataset, demo_split_indices
+from compress.data.datasets import DataError, DemoDigits, build_datasets, demo_dataset, demo_split_indices
 
 
 def test_split_is_fixed_disjoint_and_complete():

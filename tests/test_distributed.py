@@ -4,7 +4,7 @@ import torch
 RANK_SCRIPT = """
     import os, sys
     import torch
-    from compress.train import TrainConfig, train
+    from compress.training.train import TrainConfig, train
 
     out, mode = sys.argv[1], sys.argv[2]
     result = train(TrainConfig(mode=mode, out=out, embed_dim=32, depth=4, num_heads=2, epochs=1, batch_size=16,
@@ -37,7 +37,7 @@ def test_masked_ft_ddp_two_cpu_processes_end_with_identical_weights(torchrun):
 REDUCE_SCRIPT = """
     import sys
     import torch
-    from compress.training import all_reduce_named, init_distributed, shutdown_distributed
+    from compress.training.loop import all_reduce_named, init_distributed, shutdown_distributed
 
     env = init_distributed("cpu")
     terms = {"loss": 1.0 + env.rank, "kl": 10.0 * (env.rank + 1)}

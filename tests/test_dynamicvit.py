@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from compress import create_dynamicvit
-from compress.complexity import analytic_macs
+from compress.models.complexity import analytic_macs
 from conftest import assert_masked_forward_matches_pruned
 
 PREDICTOR_KEYS = {

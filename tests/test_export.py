@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from compress import create_dynamicvit
-from compress.checkpoint import save_dynamicvit
+from compress.models.checkpoint import save_dynamicvit
+from conftest import run_in_process
 from export.deploy import deploy_copy
 from export.onnx_export import export_onnx
 from export.validate import onnxruntime_session, pytorch_reference
@@ -168,8 +169,9 @@ def test_build_writes_manifest_and_reexport_hashes_match(tmp_path, tiny_checkpoi
     ],
 )
 def test_bad_input_gives_one_line_and_no_output(tmp_path, tiny_checkpoint, extra, fragment):
+    """In process (the exit code and the one line of a real process: test_corrupt_checkpoint_and_unwritable_out)."""
     out = tmp_path / "out"
-    result = run_build("--checkpoint", tiny_checkpoint, "--out", out, *extra)
+    result = run_in_process("export.build", "--checkpoint", tiny_checkpoint, "--out", out, *extra)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error: " in line]
@@ -227,8 +229,9 @@ def test_stale_staging_folder_of_a_killed_run_is_removed(tmp_path, tiny_checkpoi
 
 
 def test_tocom_is_merged_before_export_and_recorded(tmp_path, tiny_checkpoint):
-    from compress.checkpoint import load_dynamicvit
-    from compress.tocom import plugin_for_model, save_plugin
+    from compress.models.checkpoint import load_dynamicvit
+    from compress.models.tocom import plugin_for_model
+    from compress.models.tocom_files import save_plugin
 
     model = load_dynamicvit(tiny_checkpoint).model
     plugin = plugin_for_model(model)
@@ -272,7 +275,8 @@ def test_val_data_judges_reduced_precision_on_real_images_and_a_broken_int8_grap
     """--val-data: real images (here the demo digits as a .npy, preprocessed) judge fp16 and INT8 by top-1
     agreement; an INT8 graph whose Q/DQ scales are broken fails that gate through the export's own check."""
     from calibration.data import load_calibration_data
-    from export.api import ValidationFailed, check_graph, demo_subject
+    from export.api import ValidationFailed, check_graph
+    from export.subject import demo_subject
     from export.methods import DynamicViTExport
 
     subject = demo_subject()

@@ -10,8 +10,10 @@ import torch
 from export import sweep
 from export.sweep import SweepRow, choose_keep, pareto_flags
 from compress import create_dynamicvit
-from compress.checkpoint import save_dynamicvit
-from compress.cli import run_cli
+from compress.models.checkpoint import save_dynamicvit
+from compress.models.tocom import plugin_for_model
+from compress.models.tocom_files import save_plugin
+from compress.plumbing.cli import run_cli
 
 DEMO_LIKE = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=10,
                  pruning_locations=(1, 3, 5))
@@ -57,7 +59,7 @@ def run_sweep(*args):
 def small_checkpoint(tmp_path_factory):
     """The shipped demo model when present, else a small demo-shaped DynamicViT (random weights)."""
     try:
-        from compress.demo import demo_checkpoint_path
+        from compress.models.checkpoint import demo_checkpoint_path
 
         if Path(demo_checkpoint_path()).is_file():
             return Path(demo_checkpoint_path())
@@ -91,15 +93,14 @@ def test_sweep_prints_the_table_saves_the_plot_picks_within_budget_and_says_how_
 
 
 def test_sweep_with_tocom_measures_both_variants(tmp_path, small_checkpoint):
-    tocom = pytest.importorskip("compress.tocom", reason="ToCom has not landed")
-    from compress.checkpoint import load_dynamicvit
+    from compress.models.checkpoint import load_dynamicvit
 
     model = load_dynamicvit(small_checkpoint).model
-    plugin = tocom.plugin_for_model(model)
+    plugin = plugin_for_model(model)
     torch.manual_seed(1)
     for parameter in plugin.parameters():  # a non-zero compensation (fresh plugins start at zero)
         torch.nn.init.normal_(parameter, std=0.02)
-    tocom.save_plugin(plugin, tmp_path / "tocom.safetensors")
+    save_plugin(plugin, tmp_path / "tocom.safetensors")
     code, out, err = run_sweep("-c", small_checkpoint, "--tocom", tmp_path / "tocom.safetensors", "--eval-data", "demo",
                                "--eval-images", "60", "--keeps", "0.7", "0.5", "-n", "5", "--warmup", "1",
                                "--out", tmp_path)

@@ -1,4 +1,4 @@
-"""export.tensorrt_support: will a graph parse on TensorRT 10.3 and 11.x, decided from the graph alone.
+"""export.target.tensorrt_support: will a graph parse on TensorRT 10.3 and 11.x, decided from the graph alone.
 
 Real graphs are the project's own: every graph the export contracts write for the demo DynamicViT, a small LV-ViT
 and the demo ViT with ToMe, and one export_model folder; the graphs that must fail are built with onnx.helper, one
@@ -20,7 +20,7 @@ from onnx import TensorProto, defs, helper, numpy_helper
 
 import trt_plugins
 from conftest import torch_free_env
-from export.tensorrt_support import (RULE_CHECKS, SUPPORT_TABLES, SupportDataError, support_data, support_table,
+from export.target.tensorrt_support import (RULE_CHECKS, SUPPORT_TABLES, SupportDataError, support_data, support_table,
                                      tensorrt_support)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +284,8 @@ def exported_graphs() -> dict[str, onnx.ModelProto]:
     ViT: one-hot and scatter flavours; LV-ViT's selection is DynamicViT's), each in every precision, in both kinds
     of batch."""
     from compress.models import create_model
-    from export.api import demo_subject, load_tome_subject
+    from export.subject import demo_subject
+    from export.tome_export import load_tome_subject
     from export.methods import DynamicViTExport
     from export.tome_export import ToMeExport
 
@@ -312,15 +313,17 @@ def test_every_graph_the_tool_exports_parses_on_both_versions(exported_graphs):
 @pytest.fixture(scope="module")
 def export_folder(tmp_path_factory) -> Path:
     """export.build's own output (export_model): a small LV-ViT, plugin flavour, mixed float16."""
-    from compress.checkpoint import save_dynamicvit
+    from compress.models.checkpoint import save_dynamicvit
     from compress.models import create_model
     from export.api import ExportRequest, export_model
+    from export.methods import DynamicViTOptions
 
     root = tmp_path_factory.mktemp("support")
     torch.manual_seed(0)
     save_dynamicvit(create_model("dynamicvit_lvvit_s", 0.7, (1, 2, 3), img_size=64, embed_dim=64, depth=4,
                                  num_heads=2, num_classes=10).eval(), root / "lvvit.pth")
-    request = ExportRequest(checkpoint=root / "lvvit.pth", fp16=True, gather="plugin", backend="ort", out=root / "out")
+    request = ExportRequest(checkpoint=root / "lvvit.pth", method=DynamicViTOptions(gather="plugin"), fp16=True,
+                            backend="ort", out=root / "out")
     return export_model(request).out
 
 
@@ -353,7 +356,7 @@ def test_lint_passes_the_export_without_torch_and_fails_a_graph_it_cannot_parse(
         (broken / path.name).write_bytes(path.read_bytes())
     onnx.save(token_gather_graph(plugin_version="2"), str(broken / "model_plugin.debug.onnx"))
     manifest = json.loads((broken / "manifest.json").read_text())
-    from export.golden import sha256_of
+    from export.target.golden import sha256_of
     for entry in manifest["artifacts"]:
         if entry["path"] == "model_plugin.debug.onnx":
             entry["sha256"] = sha256_of(broken / entry["path"])
@@ -392,7 +395,7 @@ def test_the_export_refuses_a_graph_a_target_cannot_parse_and_warns_for_another_
 
 
 def test_no_engine_build_starts_on_a_graph_the_installed_tensorrt_would_refuse(tmp_path):
-    from export.engine import UnsupportedGraph, require_supported
+    from export.target.engine import UnsupportedGraph, require_supported
 
     onnx.save(run_time_k(), str(tmp_path / "model.debug.onnx"))
     with pytest.raises(UnsupportedGraph, match=r"would not parse on TensorRT 10.3.0.30 .*node 'select' \(TopK\)"):

@@ -6,10 +6,13 @@ import json
 import pytest
 import torch
 
-from compress import create_dynamicvit, tocom
-from compress.checkpoint import save_dynamicvit
-from compress.cli import run_cli
-from compress.errors import PipelineError
+from compress import create_dynamicvit
+
+from compress.models import tocom, tocom_files
+
+from compress.models.checkpoint import save_dynamicvit
+from compress.plumbing.cli import run_cli
+from compress.plumbing.errors import PipelineError
 from conftest import demo_batch
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
@@ -118,7 +121,7 @@ def test_merged_model_equals_run_time_plugin(source, target):
 
 def _top_k_decisions(model):
     """Drive the training forward with inference's top-k choices (deterministic), at the model's keep ratio."""
-    from compress.token_select import top_k_decision
+    from compress.models.token_select import top_k_decision
 
     counts = model.stage_keep_counts() if model.keep_ratio < 1.0 else [model.num_patches] * 3
     return lambda log_probs, previous, stage: top_k_decision(log_probs[..., 0], previous, counts[stage])
@@ -168,9 +171,9 @@ def test_fresh_plugin_is_identity_and_hooks_keep_state_dict_keys():
 def test_plugin_file_round_trip_and_metadata(tmp_path):
     model = tiny_model()
     plugin = randomised_plugin(model, grid=(1.0, 0.8, 0.6, 0.4), rank_per_step=3, default_scale=0.08)
-    path = tocom.save_plugin(plugin, tmp_path / "p.safetensors")
+    path = tocom_files.save_plugin(plugin, tmp_path / "p.safetensors")
     assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed
-    loaded, sha256 = tocom.load_plugin(path)
+    loaded, sha256 = tocom_files.load_plugin(path)
     assert (loaded.grid, loaded.rank_per_step, loaded.rank, loaded.default_scale) == ((1.0, 0.8, 0.6, 0.4), 3, 9, 0.08)
     for mine, theirs in zip(plugin.parameters(), loaded.parameters()):
         assert torch.equal(mine, theirs)
@@ -183,38 +186,38 @@ def test_plugin_file_round_trip_and_metadata(tmp_path):
 def test_merge_plugin_file_returns_manifest_entry_and_matches_in_memory_merge(tmp_path):
     model = tiny_model()
     plugin = randomised_plugin(model, default_scale=0.12)
-    path = tocom.save_plugin(plugin, tmp_path / "p.safetensors")
+    path = tocom_files.save_plugin(plugin, tmp_path / "p.safetensors")
     expected = copy.deepcopy(model)
     tocom.merge_plugin(expected, plugin, 0.7, 0.5, 0.12)
     model.keep_ratio = 0.5  # export sets the deploy keep ratio; the config keeps the training one
-    entry = tocom.merge_plugin_file(model, path, 0.5)
+    entry = tocom_files.merge_plugin_file(model, path, 0.5)
     assert entry["rho_train"] == 0.7 and entry["keep"] == 0.5 and entry["scale"] == 0.12
     assert entry["grid"] == list(GRID) and entry["warnings"] == [] and len(entry["plugin_sha256"]) == 64
     for name, value in expected.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
-    assert tocom.merge_plugin_file(copy.deepcopy(expected), path, 0.5, scale=0.05)["scale"] == 0.05
+    assert tocom_files.merge_plugin_file(copy.deepcopy(expected), path, 0.5, scale=0.05)["scale"] == 0.05
 
 
 @pytest.mark.parametrize("overrides,words", [({"embed_dim": 48, "num_heads": 3}, "embed_dim 32"),
                                              ({"depth": 6}, "depth 4"),
                                              ({"num_heads": 4}, "num_heads 2")])
 def test_plugin_for_another_architecture_fails_clearly(tmp_path, overrides, words):
-    path = tocom.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
+    path = tocom_files.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
     other = tiny_model(**overrides)
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(tocom.PluginMismatch, match="trained for") as caught:
-        tocom.merge_plugin_file(other, path, 0.5)
+        tocom_files.merge_plugin_file(other, path, 0.5)
     assert words in str(caught.value) and isinstance(caught.value, PipelineError)
     for name, value in other.state_dict().items():
         assert torch.equal(value, before[name]), name  # nothing merged
 
 
 def test_plugin_on_other_weights_of_same_architecture_warns_and_merges(tmp_path, caplog):
-    path = tocom.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
+    path = tocom_files.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
     other = tiny_model()  # same architecture, different random weights
     before = other.blocks[0].attn.qkv.weight.clone()
-    with caplog.at_level("WARNING", logger="compress.tocom"):
-        entry = tocom.merge_plugin_file(other, path, 0.5)
+    with caplog.at_level("WARNING", logger="compress.models.tocom"):
+        entry = tocom_files.merge_plugin_file(other, path, 0.5)
     assert len(entry["warnings"]) == 1 and "other backbone weights" in entry["warnings"][0]
     assert "other backbone weights" in caplog.text
     assert not torch.equal(other.blocks[0].attn.qkv.weight, before)
@@ -222,36 +225,36 @@ def test_plugin_on_other_weights_of_same_architecture_warns_and_merges(tmp_path,
 
 @pytest.mark.parametrize("keep", [0.65, 0.35, 0.95])
 def test_off_grid_keep_fails_listing_the_grid(tmp_path, keep):
-    path = tocom.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
+    path = tocom_files.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
     with pytest.raises(tocom.OffGridKeepRatio) as caught:
-        tocom.merge_plugin_file(tiny_model(), path, keep)
+        tocom_files.merge_plugin_file(tiny_model(), path, keep)
     assert str(keep) in str(caught.value) and "[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]" in str(caught.value)
 
 
 def test_training_keep_ratio_off_grid_fails(tmp_path):
-    path = tocom.save_plugin(randomised_plugin(tiny_model(), grid=(1.0, 0.8, 0.6)), tmp_path / "p.safetensors")
+    path = tocom_files.save_plugin(randomised_plugin(tiny_model(), grid=(1.0, 0.8, 0.6)), tmp_path / "p.safetensors")
     with pytest.raises(tocom.OffGridKeepRatio, match="training keep ratio 0.7"):
-        tocom.merge_plugin_file(tiny_model(keep_ratio=0.7), path, 0.6)
+        tocom_files.merge_plugin_file(tiny_model(keep_ratio=0.7), path, 0.6)
 
 
 def test_missing_and_corrupt_files_fail_clearly(tmp_path):
     model = tiny_model()
-    with pytest.raises(tocom.PluginFileError, match="not found"):
-        tocom.merge_plugin_file(model, tmp_path / "absent.safetensors", 0.5)
+    with pytest.raises(tocom_files.PluginFileError, match="not found"):
+        tocom_files.merge_plugin_file(model, tmp_path / "absent.safetensors", 0.5)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01 not a safetensors file at all" * 10)
-    with pytest.raises(tocom.PluginFileError, match="cannot read"):
-        tocom.merge_plugin_file(model, garbage, 0.5)
-    good = tocom.save_plugin(randomised_plugin(model), tmp_path / "good.safetensors")
+    with pytest.raises(tocom_files.PluginFileError, match="cannot read"):
+        tocom_files.merge_plugin_file(model, garbage, 0.5)
+    good = tocom_files.save_plugin(randomised_plugin(model), tmp_path / "good.safetensors")
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(good.read_bytes()[:-100])
-    with pytest.raises(tocom.PluginFileError, match="corrupt or truncated"):
-        tocom.merge_plugin_file(model, truncated, 0.5)
+    with pytest.raises(tocom_files.PluginFileError, match="corrupt or truncated"):
+        tocom_files.merge_plugin_file(model, truncated, 0.5)
     from safetensors.torch import save_file
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(other))
-    with pytest.raises(tocom.PluginFileError, match="not a ToCom plugin"):
-        tocom.merge_plugin_file(model, other, 0.5)
+    with pytest.raises(tocom_files.PluginFileError, match="not a ToCom plugin"):
+        tocom_files.merge_plugin_file(model, other, 0.5)
 
 
 def test_bad_grids_are_refused():
@@ -288,7 +291,7 @@ def _teacher_checkpoint(tmp_path):
 
 def distillation_losses(model, plugin, source, target, steps=12):
     """The KL of ``steps`` AdamW steps (lr 3e-3) of ``plugin`` on 16 demo images, teacher at ``source``."""
-    from compress.tocom_train import StudentForward, distillation_step
+    from compress.training.tocom_train import StudentForward, distillation_step
 
     images, _ = demo_batch(16)
     student = StudentForward(model, plugin)
@@ -318,7 +321,7 @@ def test_a_few_training_steps_reduce_the_kl():
 
 
 def test_training_command_writes_plugin_and_results(tmp_path):
-    from compress.tocom_train import main
+    from compress.training.tocom_train import main
 
     model, checkpoint = _teacher_checkpoint(tmp_path)
     out = tmp_path / "run"
@@ -331,7 +334,7 @@ def test_training_command_writes_plugin_and_results(tmp_path):
     assert {(row["keep"], row["scale"]) for row in results["selection"]} == {
         (k, s) for k in (0.9, 0.5) for s in (0.0, 0.05, 0.1)}
     assert results["history"][-1]["step"] == 8  # 128 training images (32 held out) / 32
-    plugin, _ = tocom.load_plugin(out / "tocom.safetensors")
+    plugin, _ = tocom_files.load_plugin(out / "tocom.safetensors")
     assert plugin.default_scale == results["chosen_scale"]
     assert plugin.info.backbone_fingerprint == tocom.backbone_fingerprint(model)
     assert plugin.info.extra["training"]["command"].startswith("python -m compress.tocom_train -c")
@@ -339,7 +342,7 @@ def test_training_command_writes_plugin_and_results(tmp_path):
 
 
 def test_training_command_refuses_off_grid_training_keep(tmp_path, capsys):
-    from compress.tocom_train import main
+    from compress.training.tocom_train import main
 
     _, checkpoint = _teacher_checkpoint(tmp_path)
     argv = ["-c", str(checkpoint), "--out", str(tmp_path / "run"), "--grid", "1.0,0.8,0.6", "--device", "cpu"]
@@ -349,7 +352,7 @@ def test_training_command_refuses_off_grid_training_keep(tmp_path, capsys):
 
 
 def test_every_flag_documents_its_default():
-    from compress.tocom_train import build_parser
+    from compress.training.tocom_train import build_parser
 
     parser = build_parser()
     formatter = parser._get_formatter()
@@ -362,7 +365,7 @@ def test_every_flag_documents_its_default():
 
 
 def test_tome_distillation_steps_reduce_the_kl():
-    from compress.tome import ToMeViT
+    from compress.models.tome import ToMeViT
 
     model = ToMeViT(tiny_model(), 0).eval()
     with torch.no_grad():  # random weights attend almost uniformly, and then merging hardly changes the CLS token
@@ -382,7 +385,7 @@ def test_tome_distillation_steps_reduce_the_kl():
 
 
 def test_training_command_trains_a_tome_plugin(tmp_path):
-    from compress.tocom_train import main
+    from compress.training.tocom_train import main
 
     model, checkpoint = _teacher_checkpoint(tmp_path)
     out = tmp_path / "run"
@@ -393,19 +396,19 @@ def test_training_command_trains_a_tome_plugin(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["recipe"]["degree_kind"] == tocom.TOME_R and results["rho_train"] == 0
     assert [row["keep"] for row in results["evaluation"]] == [8, 16]
-    plugin, _ = tocom.load_plugin(out / "tocom.safetensors")
+    plugin, _ = tocom_files.load_plugin(out / "tocom.safetensors")
     assert plugin.kind == tocom.TOME_R and plugin.grid == (0, 8, 16)
     assert any(float(layer.q_up.detach().abs().max()) > 0 for layer in plugin.layers)
     with pytest.raises(tocom.PluginKindMismatch):
-        tocom.merge_plugin_file(model, out / "tocom.safetensors", 0.5)
+        tocom_files.merge_plugin_file(model, out / "tocom.safetensors", 0.5)
 
 
 def test_plugin_files_without_a_kind_are_keep_ratio_plugins(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    path = tocom.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
-    metadata = tocom._read_header_metadata(path.read_bytes(), str(path))
+    path = tocom_files.save_plugin(randomised_plugin(tiny_model()), tmp_path / "p.safetensors")
+    metadata = tocom_files._read_header_metadata(path.read_bytes(), str(path))
     assert metadata["degree_kind"] == tocom.KEEP_RATIO
     del metadata["degree_kind"]  # as written before ToMe plugins existed
     save_file(load_file(path), path, metadata=metadata)
-    assert tocom.load_plugin(path)[0].kind == tocom.KEEP_RATIO
+    assert tocom_files.load_plugin(path)[0].kind == tocom.KEEP_RATIO

@@ -1,13 +1,16 @@
 """ToCom training under torchrun: two CPU processes (gloo on 127.0.0.1) end with the same plugin."""
 import torch
 
-from compress import create_dynamicvit, tocom
-from compress.checkpoint import save_dynamicvit
+from compress import create_dynamicvit
+
+from compress.models import tocom_files
+
+from compress.models.checkpoint import save_dynamicvit
 
 RANK_SCRIPT = """
     import os, sys
     import torch
-    from compress.tocom_train import ToComTrainConfig, train
+    from compress.training.tocom_train import ToComTrainConfig, train
 
     out = sys.argv[1]
     result = train(ToComTrainConfig(checkpoint=sys.argv[2], out=out, epochs=1, batch_size=16, limit_train=80,
@@ -29,7 +32,7 @@ def test_tocom_training_ddp_two_cpu_processes_end_with_identical_plugins(tmp_pat
     assert rank0["step"] == rank1["step"] == 2  # 64 training images (16 held out) / 2 ranks / 16 per step
     for name, value in rank0["plugin"].items():
         assert torch.equal(value, rank1["plugin"][name]), name
-    written, _ = tocom.load_plugin(out / "tocom.safetensors")  # rank 0 wrote it
+    written, _ = tocom_files.load_plugin(out / "tocom.safetensors")  # rank 0 wrote it
     for name, value in written.state_dict().items():
         assert torch.equal(value, rank0["plugin"][name]), name
     assert written.info.extra["training"]["world_size"] == 2

@@ -6,10 +6,13 @@ import pytest
 import torch
 from test_tome import TINY, images_from_bytes, seeded_tome
 
-from compress import create_dynamicvit, tocom, tome
-from compress.cli import run_cli
+from compress import create_dynamicvit
+
+from compress.models import tocom, tocom_files, tome
+
+from compress.plumbing.cli import run_cli
 from compress.tocom_import import main as import_main
-from export.compare import onnxruntime_session, session_runner
+from export.target.compare import onnxruntime_session, session_runner
 from export.tome_export import ToMeExport
 
 TOCOM_GOLDEN = Path(__file__).parent / "data" / "tome_tocom_reference.npz"
@@ -86,7 +89,7 @@ def tiny_tome(r=0, **overrides):
 
 def test_channel_mapping_turns_reference_masks_into_project_masks():
     for rank in (16, 32, 64):
-        order = tocom.reference_to_project_channels(rank)
+        order = tocom_files.reference_to_project_channels(rank)
         assert sorted(order.tolist()) == list(range(rank))
         for r in tocom.TOME_GRID:
             project = tocom.step_mask(tocom.TOME_GRID, rank // 16, r)
@@ -106,7 +109,7 @@ def test_merged_reference_file_equals_the_reference_runtime_delta(tmp_path, r_sr
     runtime.remove()
     with torch.no_grad():
         plain = model(images)
-    entry = tocom.merge_tome_plugin_file(model, path, r_src, scale=TOCOM_SCALE)
+    entry = tocom_files.merge_tome_plugin_file(model, path, r_src, scale=TOCOM_SCALE)
     with torch.no_grad():
         merged = model(images)
     assert entry["r_train"] == r_src and entry["r"] == r_tgt and entry["plugin_layout"] == "reference"
@@ -124,7 +127,7 @@ def test_merged_reference_file_through_onnx(tmp_path):
     with torch.no_grad():
         expected = model(images).numpy()
     runtime.remove()
-    tocom.merge_tome_plugin_file(model, path, 2, 12, scale=0.15)
+    tocom_files.merge_tome_plugin_file(model, path, 2, 12, scale=0.15)
     method = ToMeExport(12)
     proto = method.export_onnx(method.deploy_copy(model, "fp32"), "onehot", 2, False, 17, False)
     logits = session_runner(onnxruntime_session(proto))(images.numpy())[0]
@@ -136,12 +139,12 @@ def test_import_cli_writes_a_plugin_that_merges_identically(tmp_path, capsys):
     reference = save_reference_file(tmp_path / "ref.pth", weights)
     out = tmp_path / "plugin.safetensors"
     assert run_cli(import_main, [str(reference), "-o", str(out), "--scale", "0.12"]) == 0
-    plugin, _ = tocom.load_plugin(out)
+    plugin, _ = tocom_files.load_plugin(out)
     assert plugin.kind == tocom.TOME_R and plugin.grid == tocom.TOME_GRID and plugin.rank == 32
     assert plugin.default_scale == 0.12 and plugin.info.extra["layout"] == "reference"
     direct, converted = tiny_tome(8), tiny_tome(8)
-    tocom.merge_tome_plugin_file(direct, reference, 3, scale=0.12)
-    entry = tocom.merge_tome_plugin_file(converted, out, 3)
+    tocom_files.merge_tome_plugin_file(direct, reference, 3, scale=0.12)
+    entry = tocom_files.merge_tome_plugin_file(converted, out, 3)
     assert entry["scale"] == 0.12
     for a, b in zip(direct.state_dict().values(), converted.state_dict().values()):
         assert torch.equal(a, b)
@@ -183,23 +186,23 @@ def test_merge_refuses_wrong_kind_width_depth_and_r(tmp_path):
     path = save_reference_file(tmp_path / "ref.pth", reference_layout_tocom(TOCOM_SEED, 4, 32, TOCOM_RANK))
     dynamicvit = create_dynamicvit("vit_small_patch16_224", 0.7, None, **TINY).eval()
     with pytest.raises(tocom.PluginKindMismatch, match="ToMe r"):
-        tocom.merge_plugin_file(dynamicvit, path, 0.5)
+        tocom_files.merge_plugin_file(dynamicvit, path, 0.5)
     keep_plugin = tocom.plugin_for_model(dynamicvit)
-    keep_path = tocom.save_plugin(keep_plugin, tmp_path / "keep.safetensors")
+    keep_path = tocom_files.save_plugin(keep_plugin, tmp_path / "keep.safetensors")
     with pytest.raises(tocom.PluginKindMismatch, match="keep ratio"):
-        tocom.merge_tome_plugin_file(tiny_tome(8), keep_path, 0)
+        tocom_files.merge_tome_plugin_file(tiny_tome(8), keep_path, 0)
     with pytest.raises(tocom.PluginMismatch, match="embed_dim 32"):
-        tocom.merge_tome_plugin_file(tiny_tome(8, embed_dim=48, num_heads=3), path, 0)
+        tocom_files.merge_tome_plugin_file(tiny_tome(8, embed_dim=48, num_heads=3), path, 0)
     with pytest.raises(tocom.PluginMismatch, match="depth 4"):
-        tocom.merge_tome_plugin_file(tiny_tome(8, depth=5), path, 0)
+        tocom_files.merge_tome_plugin_file(tiny_tome(8, depth=5), path, 0)
     with pytest.raises(tome.ToMeError, match="at most 8"):  # 17 tokens merge at most 8 per block
-        tocom.merge_tome_plugin_file(tiny_tome(0, img_size=32), path, 12, 0)
+        tocom_files.merge_tome_plugin_file(tiny_tome(0, img_size=32), path, 12, 0)
     with pytest.raises(tocom.OffGridKeepRatio, match="training ToMe r 20"):
-        tocom.merge_tome_plugin_file(tiny_tome(8), path, 20)
+        tocom_files.merge_tome_plugin_file(tiny_tome(8), path, 20)
     untouched = tiny_tome(8)
     before = {k: v.clone() for k, v in untouched.state_dict().items()}
     with pytest.raises(tocom.ToComError):
-        tocom.merge_tome_plugin_file(untouched, path, 17)
+        tocom_files.merge_tome_plugin_file(untouched, path, 17)
     assert all(torch.equal(before[k], v) for k, v in untouched.state_dict().items())  # a refused merge changes nothing
 
 
@@ -219,7 +222,7 @@ def test_parity_with_the_reference_tocom_on_deit_b(tmp_path):
     for r_src, r_tgt in TOCOM_PAIRS:
         base.load_state_dict(original)
         base.r_schedule = r_tgt
-        tocom.merge_tome_plugin_file(base, path, r_src, scale=TOCOM_SCALE)
+        tocom_files.merge_tome_plugin_file(base, path, r_src, scale=TOCOM_SCALE)
         with torch.no_grad():
             logits = base(images).numpy()
         error = np.abs(logits - golden[f"r{r_src}_to_r{r_tgt}/logits"]).max()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.token_select import select_tokens
+from compress.models.token_select import select_tokens
 from trt_plugins import KERNEL_SOURCE
 
 KERNEL_TEXT = KERNEL_SOURCE.read_text()

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from compress.errors import InvalidKeepRatio
-from compress.token_select import (
+from compress.plumbing.errors import InvalidKeepRatio
+from compress.models.token_select import (
     gather_kept_tokens,
     keep_counts,
     masked_attention_softmax,

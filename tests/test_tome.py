@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress import tome
-from export.compare import onnxruntime_session, session_runner
+from compress.models import tome
+from export.target.compare import onnxruntime_session, session_runner
 from export.tome_export import MIN_TENSORRT_VERSION, ToMeExport, ToMeExportError, check_tensorrt_version
 
 GOLDEN = Path(__file__).parent / "data" / "tome_reference.npz"
@@ -317,8 +317,8 @@ def test_onnx_takes_the_same_decisions_on_real_images_whose_scores_crowd_near_on
     """Digit backgrounds give many tokens cosine scores within a few float32 steps of each other just below 1; ranked
     by cosine score, ONNX Runtime and PyTorch reordered them (4 of 64 images merged other tokens). Ranked by the
     distances of the unit vectors they agree."""
-    from compress.data import DemoDigits
-    from compress.demo import demo_checkpoint_path
+    from compress.data.datasets import DemoDigits
+    from compress.models.checkpoint import demo_checkpoint_path
 
     model, _ = tome.load_tome(demo_checkpoint_path(), 8)
     data = DemoDigits("test", random_placement=False)
@@ -425,7 +425,7 @@ def test_onnx_runtime_deit_s_agrees_with_the_reference_tome(golden):
 def test_load_tome_reads_deit_style_checkpoints_and_refuses_mismatches(tmp_path):
     import timm
 
-    from compress.errors import CheckpointError
+    from compress.plumbing.errors import CheckpointError
 
     # Weights do not record the head count: read from weights it is DeiT's width / 64 (here 2, as built).
     backbone = timm.create_model("vit_small_patch16_224", pretrained=False, **{**TINY, "embed_dim": 128}).eval()
@@ -452,7 +452,7 @@ def test_load_tome_reads_deit_style_checkpoints_and_refuses_mismatches(tmp_path)
 
 
 def test_the_demo_dynamicvit_checkpoint_runs_as_a_tome_model():
-    from compress.demo import demo_checkpoint_path
+    from compress.models.checkpoint import demo_checkpoint_path
 
     model, notes = tome.load_tome(demo_checkpoint_path(), 16)
     assert any("prediction-module" in note for note in notes)

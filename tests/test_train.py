@@ -8,10 +8,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from compress import create_dynamicvit
-from compress.checkpoint import load_dynamicvit
-from compress.cli import run_cli
-from compress.data import build_loaders
-from compress.losses import (
+from compress.models.checkpoint import load_dynamicvit
+from compress.plumbing.cli import run_cli
+from compress.data.datasets import build_loaders
+from compress.training.losses import (
     LossWeights,
     dynamicvit_loss,
     keep_ratio_loss,
@@ -20,9 +20,9 @@ from compress.losses import (
     token_distillation_loss,
 )
 from compress.models import model_from_config, variant
-from compress.tocom_train import ToComTrainConfig
-from compress.train import TrainConfig, dynamicvit_param_groups, main, new_model_config, train
-from compress.training import (
+from compress.training.tocom_train import ToComTrainConfig
+from compress.training.train import TrainConfig, dynamicvit_param_groups, main, new_model_config, train
+from compress.training.loop import (
     DistEnv,
     OptimizerConfig,
     TrainingDiverged,

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from compress.checkpoint import load_dynamicvit
-from compress.demo import demo_checkpoint_path, demo_dataset, demo_loader
-from compress.training import DistEnv, evaluate
+from compress.models.checkpoint import load_dynamicvit
+from compress.models.checkpoint import demo_checkpoint_path
+from compress.training.demo import demo_dataset, demo_loader
+from compress.training.loop import DistEnv, evaluate
 from compress.visualize import dim_dropped, kept_patch_masks
 
 

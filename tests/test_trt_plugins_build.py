@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import trt_plugins
-from compress.cli import EXIT_USER_ERROR, run_cli
-from compress.errors import PipelineError
+from compress.plumbing.cli import EXIT_USER_ERROR, run_cli
+from compress.plumbing.errors import PipelineError
 from trt_plugins import build as plugin_build
 
 TOKEN_GATHER_DIR = trt_plugins.PACKAGE_DIR / "token_gather"

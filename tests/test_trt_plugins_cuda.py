@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from compress.token_select import select_tokens
+from compress.models.token_select import select_tokens
 from trt_plugins import SPEC_PATH
 from trt_plugins.build import find_nvcc
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from compress.token_select import select_tokens
+from compress.models.token_select import select_tokens
 from trt_plugins import ONNX_DOMAIN, PLUGIN_NAME, SPEC_PATH
 from trt_plugins.ort_token_gather import (
     CONTRIB_DOMAIN,

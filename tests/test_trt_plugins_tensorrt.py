@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from compress.token_select import select_tokens
+from compress.models.token_select import select_tokens
 import trt_plugins
 from trt_plugins.ort_token_gather import make_token_gather_model
 

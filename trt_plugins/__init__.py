@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from compress.errors import PipelineError
+from compress.plumbing.errors import PipelineError
 
 PLUGIN_NAME = "TokenGather"          # ONNX op_type and TensorRT creator name
 PLUGIN_VERSION = "1"                 # ONNX attribute plugin_version

@@ -19,8 +19,8 @@ import statistics
 from pathlib import Path
 from typing import Callable, Sequence
 
-from compress.cli import add_version_argument, exit_from_cli, parser_from_docstring, positive_int
-from compress.errors import PipelineError
+from compress.plumbing.cli import add_version_argument, exit_from_cli, parser_from_docstring, positive_int
+from compress.plumbing.errors import PipelineError
 from trt_plugins.token_gather_cuda import load_extension, token_gather
 
 EXIT_TARGET_MISSED = 1

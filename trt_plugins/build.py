@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from compress.cli import HelpFormatter, add_version_argument, exit_codes_epilog, exit_from_cli, positive_int
-from compress.errors import PipelineError
+from compress.plumbing.cli import HelpFormatter, add_version_argument, exit_codes_epilog, exit_from_cli, positive_int
+from compress.plumbing.errors import PipelineError
 from trt_plugins import DEFAULT_BUILD_DIR, LIBRARY_NAMES, SOURCE_DIR
 
 DEFAULT_CUDA_ARCHS = "75;80;86;87;89;90"  # Turing .. Hopper, Jetson Orin = 87; same default as CMakeLists.txt

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from compress.errors import PipelineError
+from compress.plumbing.errors import PipelineError
 
 
 def current_umask() -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.token_select import keep_counts
+from compress.models.token_select import keep_counts
 
 
 @dataclass(frozen=True)

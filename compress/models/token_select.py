@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.errors import InvalidKeepRatio
+from compress.plumbing.errors import InvalidKeepRatio
 
 TIE_RULE = "descending score; equal scores: lower token index first (ONNX TopK rule)"
 

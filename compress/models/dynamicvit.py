@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from compress.complexity import VitShape
-from compress.errors import CheckpointError
-from compress.registry import (
+from compress.models.complexity import VitShape
+from compress.plumbing.errors import CheckpointError
+from compress.models.registry import (
     DEFAULT_KEEP_RATIO,
     DataConfig,
     DynamicViTConfig,
@@ -35,7 +35,7 @@ from compress.registry import (
     variant,
     variants,
 )
-from compress.token_select import CLS_KEEP_SCORE, keep_counts, masked_attention_softmax, select_scored_tokens
+from compress.models.token_select import CLS_KEEP_SCORE, keep_counts, masked_attention_softmax, select_scored_tokens
 
 FAMILY = "deit"
 
@@ -471,6 +471,6 @@ for _spec in (*DEIT_VARIANTS, DEMO_VARIANT):
 
 def create_dynamicvit(name: str = "dynamicvit_deit_small", keep_ratio: float | None = None,
                       pruning_locations: tuple[int, ...] | None = None, **backbone_kwargs) -> DynamicViTBase:
-    """``compress.registry.create_model`` (kept under its first name: any registered variant or timm ViT name)."""
+    """``compress.models.registry.create_model`` (kept under its first name: any registered variant or timm ViT name)."""
     return create_model(name, keep_ratio, pruning_locations, **backbone_kwargs)
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from compress.errors import PipelineError
+from compress.plumbing.errors import PipelineError
 
 BATCH_COUNT = "batches"  # the name under which fit counts batches beside the objective's terms
 

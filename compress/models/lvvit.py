@@ -16,7 +16,7 @@ Modifications of LV-ViT relative to a timm ViT (each as in DynamicViT's LV-ViT c
   At inference the max runs over the kept tokens only, so the logits depend on the kept set, not only on CLS.
 
 DynamicViT's method itself (prediction modules, top-k selection, Gumbel decisions with attention masking)
-comes from ``compress.dynamicvit.DynamicViTBase``; attention runs through the shared ``attention_forward``.
+comes from ``compress.models.dynamicvit.DynamicViTBase``; attention runs through the shared ``attention_forward``.
 State-dict keys are the reference's, BatchNorm running statistics included, so released checkpoints load
 strictly. Tensor shapes in docstrings are [batch, tokens, channels].
 """
@@ -28,15 +28,15 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from compress.complexity import VitShape
-from compress.dynamicvit import (
+from compress.models.complexity import VitShape
+from compress.models.dynamicvit import (
     PREDICTOR_PREFIX,
     DynamicViTBase,
     attention_forward,
     default_pruning_locations,
     weights_arch,
 )
-from compress.registry import (
+from compress.models.registry import (
     DEFAULT_KEEP_RATIO,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -132,7 +132,7 @@ class ConvStem(nn.Module):
 class LVViTAttention(nn.Module):
     """Multi-head self-attention, x [B, T, C] -> [B, T, C]; keys ``qkv`` ([3C, C], rows q | k | v) and ``proj``.
 
-    Exposes what ``compress.dynamicvit.attention_forward`` reads (timm's ``Attention`` attribute names), and runs
+    Exposes what ``compress.models.dynamicvit.attention_forward`` reads (timm's ``Attention`` attribute names), and runs
     through it, so training's attention masking and the exported attention are DeiT's code.
     """
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.token_select import gather_kept_tokens
+from compress.models.token_select import gather_kept_tokens
 
 
 def sample_mask_ratio(low: float, high: float) -> float:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.errors import PipelineError
-from compress.files import atomic_write
-from export.compare import RANDOM_INPUTS
+from compress.plumbing.errors import PipelineError
+from compress.plumbing.files import atomic_write
+from export.target.compare import RANDOM_INPUTS
 
 GOLDEN_FILE = "golden.npz"
 GOLDEN_ROLE = "golden"

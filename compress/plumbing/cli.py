@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Callable, NoReturn, Sequence
 
-from compress.errors import PipelineError
+from compress.plumbing.errors import PipelineError
 
 DISTRIBUTION = "vit-prune-deploy"
 EXIT_OK = 0

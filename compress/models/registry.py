@@ -1,8 +1,8 @@
 """The model registry: one ``ModelSpec`` per variant, one ``Family`` per kind of backbone.
 
 In timm's manner, a command line takes a model *name*; ``create_model(name)`` looks up the variant's spec and
-dispatches to its family's builder. A family (the timm ViT/DeiT one in ``compress.dynamicvit``, LV-ViT in
-``compress.lvvit``) registers itself and its variants when its module is imported; ``compress.models`` imports
+dispatches to its family's builder. A family (the timm ViT/DeiT one in ``compress.models.dynamicvit``, LV-ViT in
+``compress.models.lvvit``) registers itself and its variants when its module is imported; ``compress.models`` imports
 every family, so use ``compress.models.create_model`` rather than this module's functions directly.
 
 Checkpoints are matched to an architecture by the numbers a spec records (width, depth, patch size, MLP width,
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
-from compress.errors import PipelineError
+from compress.plumbing.errors import PipelineError
 
 # The keep ratio rho a DynamicViT is built and trained at when nobody names one: the reference's default.
 DEFAULT_KEEP_RATIO = 0.7

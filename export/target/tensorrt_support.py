@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 import trt_plugins
-from compress.errors import PipelineError
+from compress.plumbing.errors import PipelineError
 
 SUPPORT_DATA = Path(__file__).with_name("tensorrt_support.json")
 SUPPORT_TABLES = ("10.3", "11")  # the releases the data describes; "both" targets them all

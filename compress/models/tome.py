@@ -39,12 +39,12 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from compress.checkpoint import infer_config, read_checkpoint_file
-from compress.complexity import block_macs
-from compress.dynamicvit import (ADOPTED_BACKBONE_PARTS, DEIT_HEAD_DIM, FAMILY, PREDICTOR_PREFIX, DynamicViT,
+from compress.models.checkpoint import infer_config, read_checkpoint_file
+from compress.models.complexity import block_macs
+from compress.models.dynamicvit import (ADOPTED_BACKBONE_PARTS, DEIT_HEAD_DIM, FAMILY, PREDICTOR_PREFIX, DynamicViT,
                                  as_float32, attention_heads, attention_output, build_deit, check_backbone)
-from compress.errors import CheckpointError, PipelineError
-from compress.registry import DynamicViTConfig, UnknownModel, config_for
+from compress.plumbing.errors import CheckpointError, PipelineError
+from compress.models.registry import DynamicViTConfig, UnknownModel, config_for
 
 TIE_RULE = ("best match: lower B index among equal scores; merged A tokens: descending best score, "
             "lower A index first among equal scores (stable; ONNX TopK rule); kept A tokens in ascending index order")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from compress.errors import PipelineError
+from compress.plumbing.errors import PipelineError
 
 DEMO_DATASET = "demo-digits"
 DEMO_IMAGE_SIZE = 64

@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 # Importing a family module registers it and its variants.
-import compress.dynamicvit  # noqa: F401  (DeiT / timm ViT family)
-import compress.lvvit  # noqa: F401  (LV-ViT family)
-from compress.registry import (
+import compress.models.dynamicvit  # noqa: F401  (DeiT / timm ViT family)
+import compress.models.lvvit  # noqa: F401  (LV-ViT family)
+from compress.models.registry import (
     DEFAULT_KEEP_RATIO,
     DynamicViTConfig,
     ModelSpec,

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 
-from compress.data import DEMO_DATASET, DEMO_MEAN, DEMO_STD, demo_dataset
-from compress.errors import PipelineError
+from compress.data.datasets import DEMO_DATASET, DEMO_MEAN, DEMO_STD, demo_dataset
+from compress.plumbing.errors import PipelineError
 
 DEMO_SOURCE = "demo"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
