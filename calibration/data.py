@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import timm
 
-from compress.models.checkpoint import atomic_write
 from compress.data.images import (
     ImageSourceError,
     Preprocessing,
@@ -29,6 +28,7 @@ from compress.data.images import (
     seeded_pick,
     seeded_sample,
 )
+from compress.models.checkpoint import atomic_write
 
 __all__ = ["CalibrationSet", "ImageSourceError", "Preprocessing", "check_image_source", "check_image_sources",
            "load_calibration_data", "load_calibration_set", "preprocessing_for", "seeded_sample"]

@@ -9,11 +9,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from compress.models.checkpoint import LoadedCheckpoint, load_dynamicvit
-from compress.plumbing.cli import add_version_argument, exit_from_cli, keep_ratio_argument, parser_from_docstring
-from compress.models.complexity import analytic_macs
 from compress.models import create_model
+from compress.models.checkpoint import LoadedCheckpoint, load_dynamicvit
+from compress.models.complexity import analytic_macs
 from compress.models.token_select import TIE_RULE
+from compress.plumbing.cli import add_version_argument, exit_from_cli, keep_ratio_argument, parser_from_docstring
 
 DEFAULT_MODEL = "dynamicvit_deit_small"  # described when neither a checkpoint nor --model is given
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from compress.training import train
 from compress.plumbing.cli import exit_from_cli
+from compress.training import train
 
 
 def build_parser() -> argparse.ArgumentParser:

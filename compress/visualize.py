@@ -17,6 +17,8 @@ import torch
 from matplotlib import patches
 from matplotlib.figure import Figure
 
+from compress.data.images import DEMO_SOURCE, ImageSample, Preprocessing, load_images, preprocessing_for, range_pick
+from compress.models.checkpoint import demo_checkpoint_path
 from compress.models.checkpoint import load_dynamicvit
 from compress.plumbing.cli import (
     add_version_argument,
@@ -26,9 +28,7 @@ from compress.plumbing.cli import (
     parser_from_docstring,
     positive_int,
 )
-from compress.models.checkpoint import demo_checkpoint_path
 from compress.plumbing.files import atomic_write, prepare_output
-from compress.data.images import DEMO_SOURCE, ImageSample, Preprocessing, load_images, preprocessing_for, range_pick
 
 DEFAULT_OUT = "runs/kept_tokens.png"  # an ignored folder: the picture shipped under docs/ is written on request only
 

@@ -31,18 +31,18 @@ import torch
 
 from calibration.data import load_calibration_data
 from calibration.int8 import quantize_for_export, transplant_qdq
+from compress.data.images import check_image_sources
 from compress.plumbing.cli import package_version
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import current_umask
-from compress.data.images import check_image_sources
-from export.target.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
-from export.target.engine import build_and_check, with_engines
-from export.target.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
-from export.target.golden import debug_file_name, debug_role, sha256_of, write_golden
 from export.errors import ExportError, ValidationFailed
 from export.methods import DEFAULT_METHOD, ExportContract, MethodOptions
 from export.onnx_export import MIN_OPSET
 from export.subject import VALIDATION_SEED, ExportSubject
+from export.target.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
+from export.target.engine import build_and_check, with_engines
+from export.target.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
+from export.target.golden import debug_file_name, debug_role, sha256_of, write_golden
 from export.target.tensorrt_engine import write_trtexec
 from export.target.tensorrt_support import check_graphs, manifest_entry, support_table, target_tables
 from export.validate import shipped_vs_debug, validate_graph

@@ -43,6 +43,8 @@ import timm
 import torch
 import torch.nn as nn
 
+from compress.models.dynamicvit import DynamicViTBase, create_dynamicvit
+from compress.models.tome import MERGE_FLAVOURS, ToMeViT, create_tome
 from compress.plumbing.cli import (
     add_version_argument,
     exit_from_cli,
@@ -51,14 +53,12 @@ from compress.plumbing.cli import (
     parser_from_docstring,
     positive_int,
 )
-from compress.models.dynamicvit import DynamicViTBase, create_dynamicvit
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write, prepare_output
-from compress.models.tome import MERGE_FLAVOURS, ToMeViT, create_tome
-from export.target.compare import cpu_session_options
 from export.deploy import deploy_copy
 from export.methods import DynamicViTExport
 from export.onnx_export import MIN_OPSET
+from export.target.compare import cpu_session_options
 from export.tome_export import ToMeExport
 from trt_plugins.bench_token_gather import capture_cuda_graph
 

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from compress.plumbing.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, exit_from_cli
 from compress.models.tome import MERGE_FLAVOURS
+from compress.plumbing.cli import HelpFormatter, add_version_argument, bounded, exit_codes_epilog, exit_from_cli
 from export.api import BACKENDS, ExportError, ExportRequest, ExportResult, ValidationFailed, export_model
 from export.methods import DynamicViTOptions, MethodOptions
-from export.target.compare import RANDOM_INPUTS
 from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
+from export.target.compare import RANDOM_INPUTS
 from export.target.tensorrt_support import SUPPORT_TABLES
 from export.tome_export import ToMeOptions
 

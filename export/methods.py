@@ -40,8 +40,8 @@ import torch
 import trt_plugins
 from compress.models.complexity import analytic_macs
 from compress.models.dynamicvit import DynamicViTBase
-from compress.models.token_select import TIE_RULE
 from compress.models.tocom_files import merge_plugin_file
+from compress.models.token_select import TIE_RULE
 from export.deploy import deploy_copy
 from export.errors import ExportError
 from export.onnx_export import export_onnx, output_names

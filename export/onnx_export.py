@@ -14,8 +14,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from compress.plumbing.cli import package_version
 from compress.models.dynamicvit import DynamicViTBase, as_float32
+from compress.plumbing.cli import package_version
 from compress.plumbing.errors import PipelineError
 from export.selection import SELECTION_FLAVOURS, native_token_selector, plugin_token_selector
 

@@ -30,6 +30,8 @@ from calibration.data import (
     preprocessing_for,
 )
 from calibration.int8 import Int8Options, quantize_for_export
+from compress.data.images import DEMO_SOURCE
+from compress.models.tocom import OffGridKeepRatio
 from compress.plumbing.cli import (
     add_version_argument,
     exit_from_cli,
@@ -42,13 +44,11 @@ from compress.plumbing.cli import (
 )
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write, prepare_output
-from compress.data.images import DEMO_SOURCE
-from compress.models.tocom import OffGridKeepRatio
-from export.target.bench import environment, ort_runner, summarise, time_runs
 from export.evaluate import onnx_logits, top1_accuracy, top1_agreement
 from export.methods import DynamicViTExport, with_tocom
 from export.onnx_export import MIN_OPSET
 from export.subject import ExportSubject, load_subject
+from export.target.bench import environment, ort_runner, summarise, time_runs
 
 DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 RANDOM_EVAL_IMAGES = 64

@@ -19,8 +19,8 @@ import torch
 
 from compress.models import DEFAULT_KEEP_RATIO, create_model, list_models, model_from_config, variant
 from compress.models.registry import DynamicViTConfig
-from export.target.compare import FLOAT32_MAX_ABS_ERROR
 from export.methods import DynamicViTExport
+from export.target.compare import FLOAT32_MAX_ABS_ERROR
 from export.validate import validate_graph
 
 REPO = Path(__file__).resolve().parents[1]

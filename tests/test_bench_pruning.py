@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.plumbing.cli import EXIT_USER_ERROR
 from compress.models.dynamicvit import create_dynamicvit
-from compress.plumbing.errors import PipelineError
 from compress.models.tome import create_tome
+from compress.plumbing.cli import EXIT_USER_ERROR
+from compress.plumbing.errors import PipelineError
 from export import bench_pruning as bench
 from test_cli_errors import assert_user_error, run, run_in_process
 

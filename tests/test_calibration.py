@@ -27,9 +27,12 @@ from calibration.int8 import (
 )
 from calibration.onnx_graph import default_opset, element_types
 from compress import create_dynamicvit
-from compress.models.checkpoint import load_dynamicvit
 from compress.models.checkpoint import demo_checkpoint_path
+from compress.models.checkpoint import load_dynamicvit
 from compress.plumbing.errors import PipelineError
+from export.deploy import deploy_copy
+from export.evaluate import int8_vs_float, onnx_logits
+from export.onnx_export import export_onnx
 from export.target.compare import (
     REDUCED_PRECISION_MIN_TOP1_AGREEMENT,
     compare,
@@ -37,9 +40,6 @@ from export.target.compare import (
     run_batched,
     session_runner,
 )
-from export.deploy import deploy_copy
-from export.evaluate import int8_vs_float, onnx_logits
-from export.onnx_export import export_onnx
 from export.validate import pytorch_reference
 
 DEMO_LIKE = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=10,

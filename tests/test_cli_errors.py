@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from compress import create_dynamicvit
+from compress.data.images import ImageSourceError, check_image_source
 from compress.models.checkpoint import save_dynamicvit
 from compress.plumbing.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, keep_ratio_argument, positive_int
 from compress.plumbing.errors import PipelineError
-from compress.data.images import ImageSourceError, check_image_source
 from conftest import run_in_process
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from calibration.int8 import quantize_for_export, transplant_qdq
+from compress.models import UnknownModel, config_for, create_model, model_from_config
 from compress.models import tocom
 from compress.models.checkpoint import load_dynamicvit
 from compress.models.complexity import analytic_macs
 from compress.models.dynamicvit import gumbel_keep_decision
+from compress.models.lvvit import DynamicLVViT, token_label_logits
 from compress.plumbing.errors import CheckpointError
 from compress.training.losses import dynamicvit_loss
-from compress.models.lvvit import DynamicLVViT, token_label_logits
-from compress.models import UnknownModel, config_for, create_model, model_from_config
 from conftest import assert_masked_forward_matches_pruned
 from export.deploy import deploy_copy
 from export.onnx_export import export_onnx

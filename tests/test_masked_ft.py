@@ -3,9 +3,9 @@ import torch
 
 from compress import create_dynamicvit
 
-from compress.training import train
-from compress.models.checkpoint import load_dynamicvit
 from compress.masked_ft import build_parser, main
+from compress.models.checkpoint import load_dynamicvit
+from compress.training import train
 from compress.training.masking import forward_visible_patches, random_visible_patches, sample_mask_ratio, visible_patch_count
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import sweep
-from export.sweep import SweepRow, choose_keep, pareto_flags
 from compress import create_dynamicvit
 from compress.models.checkpoint import save_dynamicvit
 from compress.models.tocom import plugin_for_model
 from compress.models.tocom_files import save_plugin
 from compress.plumbing.cli import run_cli
+from export import sweep
+from export.sweep import SweepRow, choose_keep, pareto_flags
 
 DEMO_LIKE = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=10,
                  pruning_locations=(1, 3, 5))

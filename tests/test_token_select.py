@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from compress.plumbing.errors import InvalidKeepRatio
 from compress.models.token_select import (
     gather_kept_tokens,
     keep_counts,
@@ -12,6 +11,7 @@ from compress.models.token_select import (
     top_k_decision,
     top_k_patch_indices,
 )
+from compress.plumbing.errors import InvalidKeepRatio
 
 SPEC_TABLE = {
     0.9: [176, 158, 142],

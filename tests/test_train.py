@@ -8,20 +8,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from compress import create_dynamicvit
+from compress.data.datasets import build_loaders
+from compress.models import model_from_config, variant
 from compress.models.checkpoint import load_dynamicvit
 from compress.plumbing.cli import run_cli
-from compress.data.datasets import build_loaders
-from compress.training.losses import (
-    LossWeights,
-    dynamicvit_loss,
-    keep_ratio_loss,
-    logit_distillation_loss,
-    stage_targets,
-    token_distillation_loss,
-)
-from compress.models import model_from_config, variant
-from compress.training.tocom_train import ToComTrainConfig
-from compress.training.train import TrainConfig, dynamicvit_param_groups, main, new_model_config, train
 from compress.training.loop import (
     DistEnv,
     OptimizerConfig,
@@ -31,6 +21,16 @@ from compress.training.loop import (
     read_json_lines,
     scheduled_lr,
 )
+from compress.training.losses import (
+    LossWeights,
+    dynamicvit_loss,
+    keep_ratio_loss,
+    logit_distillation_loss,
+    stage_targets,
+    token_distillation_loss,
+)
+from compress.training.tocom_train import ToComTrainConfig
+from compress.training.train import TrainConfig, dynamicvit_param_groups, main, new_model_config, train
 from conftest import demo_batch
 
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)

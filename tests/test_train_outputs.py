@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from compress.models.checkpoint import load_dynamicvit
 from compress.models.checkpoint import demo_checkpoint_path
+from compress.models.checkpoint import load_dynamicvit
 from compress.training.demo import demo_dataset, demo_loader
 from compress.training.loop import DistEnv, evaluate
 from compress.visualize import dim_dropped, kept_patch_masks

@@ -12,8 +12,8 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from compress.models.token_select import select_tokens
 import trt_plugins
+from compress.models.token_select import select_tokens
 from trt_plugins.ort_token_gather import make_token_gather_model
 
 try:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from compress.models import (DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, families, model_from_config,
+                             supported_models, variants)
 from compress.models.dynamicvit import DEIT_HEAD_DIM, PREDICTOR_PREFIX, DynamicViTBase
 from compress.plumbing.errors import CheckpointError, PipelineError
 from compress.plumbing.files import atomic_write
-from compress.models import (DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, families, model_from_config,
-                             supported_models, variants)
 
 _SHOW_KEYS = 5
 DEMO_MODELS_DIR = Path(__file__).resolve().parents[1] / "demo_models"  # compress/demo_models

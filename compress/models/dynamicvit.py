@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from compress.models.complexity import VitShape
-from compress.plumbing.errors import CheckpointError
 from compress.models.registry import (
     DEFAULT_KEEP_RATIO,
     DataConfig,
@@ -36,6 +35,7 @@ from compress.models.registry import (
     variants,
 )
 from compress.models.token_select import CLS_KEEP_SCORE, keep_counts, masked_attention_softmax, select_scored_tokens
+from compress.plumbing.errors import CheckpointError
 
 FAMILY = "deit"
 

@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from compress.models.tome import ToMeViT
 from compress.plumbing.cli import parse_number_list
 from compress.plumbing.errors import PipelineError
-from compress.models.tome import ToMeViT
 
 log = logging.getLogger(__name__)
 

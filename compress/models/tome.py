@@ -43,8 +43,8 @@ from compress.models.checkpoint import infer_config, read_checkpoint_file
 from compress.models.complexity import block_macs
 from compress.models.dynamicvit import (ADOPTED_BACKBONE_PARTS, DEIT_HEAD_DIM, FAMILY, PREDICTOR_PREFIX, DynamicViT,
                                  as_float32, attention_heads, attention_output, build_deit, check_backbone)
-from compress.plumbing.errors import CheckpointError, PipelineError
 from compress.models.registry import DynamicViTConfig, UnknownModel, config_for
+from compress.plumbing.errors import CheckpointError, PipelineError
 
 TIE_RULE = ("best match: lower B index among equal scores; merged A tokens: descending best score, "
             "lower A index first among equal scores (stable; ONNX TopK rule); kept A tokens in ascending index order")

@@ -23,9 +23,9 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from compress.data.datasets import demo_dataset
 from compress.models.checkpoint import atomic_torch_save, demo_checkpoint_path, read_checkpoint_file
 from compress.plumbing.cli import HelpFormatter, add_version_argument, exit_codes_epilog
-from compress.data.datasets import demo_dataset
 from compress.plumbing.errors import PipelineError
 from compress.training.train import MODEL_NAME, TrainConfig, train
 

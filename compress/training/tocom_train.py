@@ -34,8 +34,11 @@ from torch.utils.data import DataLoader, Subset
 from compress.models import tocom, tocom_files
 
 
-from compress.training import loop
+from compress.data.datasets import DEMO_DATASET, DemoDigits, ShardSampler, build_datasets, build_loaders, image_folder_dataset, steps_per_epoch
+from compress.models.checkpoint import demo_checkpoint_path
 from compress.models.checkpoint import load_dynamicvit
+from compress.models.dynamicvit import DynamicViT
+from compress.models.tome import ToMeViT, check_schedule_merges, load_tome
 from compress.plumbing.cli import (
     HelpFormatter,
     add_version_argument,
@@ -43,13 +46,10 @@ from compress.plumbing.cli import (
     non_negative_int,
     number_list_argument,
 )
-from compress.data.datasets import DEMO_DATASET, DemoDigits, ShardSampler, build_datasets, build_loaders, image_folder_dataset, steps_per_epoch
-from compress.models.checkpoint import demo_checkpoint_path
-from compress.models.dynamicvit import DynamicViT
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import prepare_output
+from compress.training import loop
 from compress.training.losses import logit_distillation_loss
-from compress.models.tome import ToMeViT, check_schedule_merges, load_tome
 
 LOG_NAME, RESULTS_NAME, PLUGIN_NAME = "log.jsonl", "results.json", "tocom.safetensors"
 LR_PER_512 = 1e-3  # the reference recipe's rate, quoted per 512 images
@@ -423,7 +423,7 @@ def _train(cfg: ToComTrainConfig, env: loop.DistEnv, argv: Sequence[str] | None)
     history, step = [], 0
     plugin.train()
     for summary in loop.fit(objective, optimizer, train_loader, cfg.schedule(base_lr, per_epoch), env,
-                                amp=amp_dtype, scaler=loop.grad_scaler(amp_dtype)):
+                            amp=amp_dtype, scaler=loop.grad_scaler(amp_dtype)):
         step = summary.step
         record = {"epoch": summary.epoch, "step": step, "lr": summary.lr, "train_kl": summary.means["loss"],
                   "seconds": round(time.time() - summary.started, 2)}

@@ -32,16 +32,16 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch.utils.data import Subset
 
-from compress.training import loop
-from compress.models.checkpoint import atomic_torch_save, load_dynamicvit, read_checkpoint_file
-from compress.plumbing.cli import HelpFormatter, add_version_argument, exit_codes_epilog, number_list_argument
 from compress.data.datasets import DEMO_DATASET, build_datasets, build_loaders, build_mixup, steps_per_epoch
+from compress.models import DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, list_models, model_from_config, variant
+from compress.models.checkpoint import atomic_torch_save, load_dynamicvit, read_checkpoint_file
 from compress.models.dynamicvit import DEMO_VARIANT, PREDICTOR_PREFIX, DynamicViTBase
+from compress.plumbing.cli import HelpFormatter, add_version_argument, exit_codes_epilog, number_list_argument
 from compress.plumbing.errors import CheckpointError, PipelineError
 from compress.plumbing.files import prepare_output
+from compress.training import loop
 from compress.training.losses import LossWeights, dynamicvit_loss
 from compress.training.masking import forward_randomly_masked
-from compress.models import DEFAULT_KEEP_RATIO, DynamicViTConfig, config_for, list_models, model_from_config, variant
 
 MODES = ("dynamicvit", "dense", "masked")
 CHECKPOINT_NAME, MODEL_NAME, EMA_NAME, LOG_NAME = "checkpoint.pth", "model.pth", "model_ema.pth", "log.jsonl"
@@ -602,8 +602,8 @@ def _train(cfg: TrainConfig, env: loop.DistEnv) -> TrainResult:
     model.train()
     ema = state.ema
     for summary in loop.fit(objective, state.optimizer, train_loader, cfg.schedule(base_lr, per_epoch), env,
-                                start_epoch=start_epoch, start_step=step, amp=amp, scaler=state.scaler, model=model,
-                                clip_grad=cfg.clip_grad, ema=ema):
+                            start_epoch=start_epoch, start_step=step, amp=amp, scaler=state.scaler, model=model,
+                            clip_grad=cfg.clip_grad, ema=ema):
         step = summary.step
         metrics = loop.evaluate(model, eval_loader, cfg.target_keep, env, amp, top_k=(1, 5))
         record = epoch_record(cfg, summary, metrics, model.num_stages)

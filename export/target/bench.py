@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+import trt_plugins
 from compress.plumbing.cli import add_version_argument, bounded, parser_from_docstring
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
@@ -48,7 +49,6 @@ from export.target.engine import engine_problem, read_manifest
 from export.target.environment import (command_output, cuda_devices, load_average, target_facts, tensorrt_unavailable_reason,
                                 tool_versions)
 from export.target.tensorrt_engine import TensorRTRunner
-import trt_plugins
 from trt_plugins.ort_token_gather import make_session
 
 BACKENDS = ("ort-cpu", "ort-cuda", "trt", "pytorch-cpu", "pytorch-cuda")

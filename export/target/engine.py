@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import onnx
 
+import trt_plugins
 from compress.plumbing.cli import add_version_argument, bounded, parser_from_docstring
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
@@ -38,7 +39,6 @@ from export.target.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS
                             run_batched, session_runner)
 from export.target.environment import INSTALL_HINT, target_facts, tensorrt_unavailable_reason
 from export.target.golden import GoldenSet, debug_role, load_golden, sha256_of, verified_path
-import trt_plugins
 from export.target.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine, minimum_version_problem, plan_engine,
                                     portability_problem, timing_cache_path)
 from export.target.tensorrt_support import (SUPPORT_TABLES, Problem, check_graphs, report_lines, support_table,
