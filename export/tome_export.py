@@ -112,6 +112,11 @@ class ToMeExport:
         self.r = r if isinstance(r, int) else tuple(r)
 
     @property
+    def r_entry(self) -> int | list[int]:
+        """r as the manifest and the summary state it: one int, or one r per block."""
+        return self.r if isinstance(self.r, int) else list(self.r)
+
+    @property
     def degree_tag(self) -> str:
         return f"r{self.r}" if isinstance(self.r, int) else "r" + "-".join(map(str, self.r))
 
@@ -165,7 +170,7 @@ class ToMeExport:
         counts = model.token_counts(schedule)
         return {
             "method": self.name,
-            "r": self.r if isinstance(self.r, int) else list(self.r),
+            "r": self.r_entry,
             "r_schedule": list(schedule),
             "merges_per_block": [before - after for before, after in zip(counts, counts[1:])],
             "tokens_per_block": counts,
@@ -176,7 +181,7 @@ class ToMeExport:
 
     def degree_text(self, model: ToMeViT) -> str:
         counts = model.token_counts(self.schedule(model))
-        return f"at r {self.describe(model)['r']} (tokens {counts[0]} -> {counts[-1]})"
+        return f"at r {self.r_entry} (tokens {counts[0]} -> {counts[-1]})"
 
     def macs(self, model: ToMeViT) -> int:
         return model.macs(self.schedule(model))
