@@ -175,7 +175,7 @@ def resolve_method(method: str) -> str:
 
 
 def package_version(name: str) -> str | None:
-    """The installed version of a distribution, or None. (calibration may not import export.target.environment, the
+    """The installed version of a distribution, or None. (calibration may not import export.on_target.environment, the
     home of the export manifest's tool versions; the INT8 report needs only these two.)"""
     try:
         return importlib.metadata.version(name)

@@ -39,12 +39,12 @@ from export.errors import ExportError, ValidationFailed
 from export.methods import DEFAULT_METHOD, ExportContract, MethodOptions
 from export.onnx_export import MIN_OPSET
 from export.subject import VALIDATION_SEED, ExportSubject
-from export.target.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
-from export.target.engine import build_and_check, with_engines
-from export.target.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
-from export.target.golden import debug_file_name, debug_role, sha256_of, write_golden
-from export.target.tensorrt_engine import write_trtexec
-from export.target.tensorrt_support import check_graphs, manifest_entry, support_table, target_tables
+from export.on_target.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
+from export.on_target.engine import build_and_check, with_engines
+from export.on_target.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
+from export.on_target.golden import debug_file_name, debug_role, sha256_of, write_golden
+from export.on_target.tensorrt_engine import write_trtexec
+from export.on_target.tensorrt_support import check_graphs, manifest_entry, support_table, target_tables
 from export.validate import shipped_vs_debug, validate_graph
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ class Manifest:
     device: dict
     engine: dict = field(default_factory=dict)
     engines: dict = field(default_factory=dict)
-    tensorrt_support: dict = field(default_factory=dict)  # export.target.tensorrt_support's verdict per TensorRT version
+    tensorrt_support: dict = field(default_factory=dict)  # export.on_target.tensorrt_support's verdict per TensorRT version
     target: dict | None = None
     build_seconds: float | None = None
     schema_version: int = MANIFEST_SCHEMA

@@ -1,4 +1,4 @@
-"""``python -m export.bench``: the latency benchmark's command (``export.target.bench``, torch-free).
+"""``python -m export.bench``: the latency benchmark's command (``export.on_target.bench``, torch-free).
 
 It adds the one case that needs torch, PyTorch eager timing of a checkpoint: torch and the model code are
 imported only when a checkpoint is timed, so the command runs on a target with nothing but TensorRT, onnx,
@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from compress.plumbing.cli import exit_from_cli
-from export.target import bench
+from export.on_target import bench
 
 
 def pytorch_runner(path: Path, backend: str, batch: int, threads: int, keep: float | None) -> Callable[[], object]:

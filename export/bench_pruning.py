@@ -58,7 +58,7 @@ from compress.plumbing.files import atomic_write, prepare_output
 from export.deploy import deploy_copy
 from export.methods import DynamicViTExport
 from export.onnx_export import MIN_OPSET
-from export.target.compare import cpu_session_options
+from export.on_target.compare import cpu_session_options
 from export.tome_export import ToMeExport
 from trt_plugins.bench_token_gather import capture_cuda_graph
 

@@ -18,8 +18,8 @@ from export.api import BACKENDS, ExportError, ExportRequest, ExportResult, Valid
 from export.methods import DynamicViTOptions, MethodOptions
 from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
-from export.target.compare import RANDOM_INPUTS
-from export.target.tensorrt_support import SUPPORT_TABLES
+from export.on_target.compare import RANDOM_INPUTS
+from export.on_target.tensorrt_support import SUPPORT_TABLES
 from export.tome_export import ToMeOptions
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from export.target.compare import onnxruntime_session, run_batched, static_batch, top1_agreement
+from export.on_target.compare import onnxruntime_session, run_batched, static_batch, top1_agreement
 
 __all__ = ["int8_vs_float", "onnx_logits", "top1_accuracy", "top1_agreement"]
 

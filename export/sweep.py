@@ -48,7 +48,7 @@ from export.evaluate import onnx_logits, top1_accuracy, top1_agreement
 from export.methods import DynamicViTExport, with_tocom
 from export.onnx_export import MIN_OPSET
 from export.subject import ExportSubject, load_subject
-from export.target.bench import environment, ort_runner, summarise, time_runs
+from export.on_target.bench import environment, ort_runner, summarise, time_runs
 
 DEFAULT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 RANDOM_EVAL_IMAGES = 64

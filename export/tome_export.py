@@ -37,7 +37,7 @@ from export.deploy import PRECISIONS, with_float32_norms
 from export.errors import ExportError
 from export.onnx_export import MIN_OPSET, torchscript_export
 from export.subject import ExportSubject, demo_subject, seeded_random_weights, with_model_copy
-from export.target.tensorrt_engine import minimum_version_problem
+from export.on_target.tensorrt_engine import minimum_version_problem
 
 Reference = tuple[np.ndarray, list[np.ndarray]]
 MIN_SCATTER_OPSET = 16  # ScatterElements' "add" reduction; torch writes an overwriting scatter below it

@@ -1,7 +1,7 @@
 """Validation of exported graphs against PyTorch: the check that runs before anything is final.
 
 This is the torch side: the PyTorch reference and the ONNX Runtime runs that are compared with it. The
-comparison itself (figures, criteria, batching) lives in ``export.target.compare`` so the target-side engine check,
+comparison itself (figures, criteria, batching) lives in ``export.on_target.compare`` so the target-side engine check,
 which has no torch, judges with the same code.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import onnx
 import torch
 
 from compress.models.dynamicvit import DynamicViT
-from export.target.compare import (RANDOM_INPUTS, Comparison, Reference, compare, onnxruntime_session, run_batched,
-                            session_runner, static_batch)
+from export.on_target.compare import (RANDOM_INPUTS, Comparison, Reference, compare, onnxruntime_session, run_batched,
+                                      session_runner, static_batch)
 
 __all__ = ["RANDOM_INPUTS", "Comparison", "compare", "onnxruntime_session", "pytorch_reference", "run_batched",
            "shipped_vs_debug", "static_batch", "validate_graph"]

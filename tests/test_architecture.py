@@ -2,7 +2,7 @@
 
 Layers: compress (models, methods, checkpoints, training) <- calibration (calibration data, quantisation) <- export
 (deploy, ONNX, validation, engines, benchmarks, the keep-ratio sweep); trt_plugins sits beside export and may use
-only compress's torch-free plumbing. The target stage (export.target) reaches no torch or timm through any import,
+only compress's torch-free plumbing. The target stage (export.on_target) reaches no torch or timm through any import,
 at any depth. Imports of this project's own modules are module-level: a function-level one
 is allowed only where a torch-free module (the target-side tools run on a Jetson without torch) reaches into a
 torch one, and is listed here with that reason.
@@ -20,7 +20,7 @@ import torch
 from compress.models import DEFAULT_KEEP_RATIO, create_model, list_models, model_from_config, variant
 from compress.models.registry import DynamicViTConfig
 from export.methods import DynamicViTExport
-from export.target.compare import FLOAT32_MAX_ABS_ERROR
+from export.on_target.compare import FLOAT32_MAX_ABS_ERROR
 from export.validate import validate_graph
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_the_plumbing_needs_nothing_but_the_standard_library():
 
 # --- the target stage: torch-free over the whole import graph -------------------------------------------------
 
-TARGET_PACKAGE = "export.target"
+TARGET_PACKAGE = "export.on_target"
 # What the target stage may import on a Jetson besides the standard library: these distributions, and project
 # modules that (transitively) import nothing else. Function-level imports count: a Jetson user can reach them.
 # onnxruntime_extensions runs the plugin flavour's TokenGather node on ONNX Runtime (optional, imported on use).
@@ -155,13 +155,13 @@ def reachable_imports(start: list[str], root: Path = REPO) -> dict[str, str]:
 
 def target_modules(root: Path = REPO) -> list[str]:
     return sorted(".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
-                  for p in (root / "export" / "target").rglob("*.py"))
+                  for p in (root / "export" / "on_target").rglob("*.py"))
 
 
 def test_the_target_stage_imports_no_torch_over_its_whole_import_graph():
     modules = target_modules()
-    assert {"export.target.engine", "export.target.bench", "export.target.compare", "export.target.golden",
-            "export.target.tensorrt_support", "export.target.tensorrt_engine"} <= set(modules)
+    assert {"export.on_target.engine", "export.on_target.bench", "export.on_target.compare", "export.on_target.golden",
+            "export.on_target.tensorrt_support", "export.on_target.tensorrt_engine"} <= set(modules)
     external = reachable_imports(modules)
     assert set(external) <= TARGET_THIRD_PARTY, {name: external[name] for name in set(external) - TARGET_THIRD_PARTY}
     assert {"numpy", "onnx", "onnxruntime", "tensorrt"} <= set(external)  # the walk does reach the runtimes
@@ -172,14 +172,14 @@ def test_the_import_walk_finds_a_torch_import_planted_deep_in_the_target_stage(t
     sibling engine) is named, with the module that holds it."""
     for package in PACKAGES:
         shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    golden = tmp_path / "export" / "target" / "golden.py"
+    golden = tmp_path / "export" / "on_target" / "golden.py"
     golden.write_text(golden.read_text() + "\n\ndef planted():\n    import torch.nn\n")
-    external = reachable_imports(["export.target.engine"], tmp_path)
-    assert external.get("torch") == "export.target.golden"
+    external = reachable_imports(["export.on_target.engine"], tmp_path)
+    assert external.get("torch") == "export.on_target.golden"
     # A planted import through the plumbing the target uses is found as well.
     errors = tmp_path / "compress" / "plumbing" / "errors.py"
     errors.write_text(errors.read_text() + "\nfrom compress.models.checkpoint import load_dynamicvit  # noqa\n")
-    assert "torch" in reachable_imports(["export.target.compare"], tmp_path)
+    assert "torch" in reachable_imports(["export.on_target.compare"], tmp_path)
 
 
 # --- every registered variant ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compress.plumbing.cli import run_cli
 from compress.plumbing.errors import PipelineError
-from export.target import bench
+from export.on_target import bench
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SHAPE = (3, 32, 32)
@@ -271,7 +271,7 @@ def test_tensorrt_engine_timing(tmp_path, artefacts):
     reason = bench.tensorrt_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from export.target.tensorrt_engine import build_engine, plan_engine
+    from export.on_target.tensorrt_engine import build_engine, plan_engine
 
     engine = tmp_path / "tiny.engine"
     build_engine(plan_engine(bench.target_facts()["tensorrt"], "fp32"), artefacts["fast"], engine,

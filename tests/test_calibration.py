@@ -33,13 +33,13 @@ from compress.plumbing.errors import PipelineError
 from export.deploy import deploy_copy
 from export.evaluate import int8_vs_float, onnx_logits
 from export.onnx_export import export_onnx
-from export.target.compare import (
-    REDUCED_PRECISION_MIN_TOP1_AGREEMENT,
-    compare,
-    onnxruntime_session,
-    run_batched,
-    session_runner,
-)
+from export.on_target.compare import (
+                                      REDUCED_PRECISION_MIN_TOP1_AGREEMENT,
+                                      compare,
+                                      onnxruntime_session,
+                                      run_batched,
+                                      session_runner,
+                                      )
 from export.validate import pytorch_reference
 
 DEMO_LIKE = dict(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=10,
@@ -321,13 +321,13 @@ def test_modelopt_method_without_modelopt_names_the_install_command(small_graphs
 
 
 def test_int8_tensorrt_engine_runs_the_mixed_float16_qdq_graph(small_graphs, small_int8, tmp_path):
-    from export.target.environment import tensorrt_unavailable_reason
+    from export.on_target.environment import tensorrt_unavailable_reason
 
     reason = tensorrt_unavailable_reason()
     if reason:
         pytest.skip(reason)
     import tensorrt as trt
-    from export.target.tensorrt_engine import TensorRTRunner, build_engine, plan_engine
+    from export.on_target.tensorrt_engine import TensorRTRunner, build_engine, plan_engine
 
     _, graphs = small_graphs
     quantized, _ = small_int8

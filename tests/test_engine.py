@@ -1,4 +1,4 @@
-"""export.engine and export.target.tensorrt_engine: version logic, trtexec lines, portability, and the target-side check.
+"""export.engine and export.on_target.tensorrt_engine: version logic, trtexec lines, portability, and the target-side check.
 
 The export folder is the demo model exported by export.build (plugin flavour, mixed float16, dynamic batch
 1,2,4), with its debug twins and golden data; the check runs the real CLI, also with torch and timm unimportable.
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import torch_free_env
-from export.target import engine as engine_cli
-from export.target.golden import GOLDEN_FILE, sha256_of
-from export.target.tensorrt_engine import (plan_engine, portability_problem, tensorrt_unavailable_reason, timing_cache_path,
-                                    trtexec_commands, trtexec_text)
+from export.on_target import engine as engine_cli
+from export.on_target.golden import GOLDEN_FILE, sha256_of
+from export.on_target.tensorrt_engine import (plan_engine, portability_problem, tensorrt_unavailable_reason, timing_cache_path,
+                                              trtexec_commands, trtexec_text)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARES_EXPORT = pytest.mark.slow  # uses the module's export folder: one export.build of the demo model (20-50 s)
@@ -282,7 +282,7 @@ def test_engines_build_check_time_and_publish(export_folder, tmp_path):
 
 
 def test_engine_stage_refuses_a_tensorrt_older_than_the_flavour_needs():
-    from export.target.tensorrt_engine import minimum_version_problem
+    from export.on_target.tensorrt_engine import minimum_version_problem
 
     manifest = {"gather": "scatter", "method": {"method": "tome", "min_tensorrt_version": {"scatter": "10.0"}}}
     assert minimum_version_problem(manifest, "10.3.0.30") is None and minimum_version_problem(manifest, "11.1") is None

@@ -1,12 +1,12 @@
-"""export.target.golden and export.target.compare: golden data on disk, and the one comparison every backend shares (numpy only)."""
+"""export.on_target.golden and export.on_target.compare: golden data on disk, and the one comparison every backend shares (numpy only)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from export.target.compare import RANDOM_INPUTS, compare, kept_overlap, run_batched, top1_agreement
-from export.target.golden import (GOLDEN_FILE, GoldenDataError, debug_file_name, debug_role, golden_sets, load_golden,
-                           verified_path, write_golden)
+from export.on_target.compare import RANDOM_INPUTS, compare, kept_overlap, run_batched, top1_agreement
+from export.on_target.golden import (GOLDEN_FILE, GoldenDataError, debug_file_name, debug_role, golden_sets, load_golden,
+                                     verified_path, write_golden)
 
 
 def golden_inputs(seed: int = 0):

@@ -14,7 +14,7 @@ import pytest
 from compress.models.checkpoint import demo_checkpoint_path, load_dynamicvit
 from compress.plumbing.cli import run_cli
 from export.api import ExportError, ExportRequest, export_model
-from export.target import engine as target_engine
+from export.on_target import engine as target_engine
 from fixed_stride_method import FixedStrideExport, FixedStrideOptions
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""export.target.tensorrt_support: will a graph parse on TensorRT 10.3 and 11.x, decided from the graph alone.
+"""export.on_target.tensorrt_support: will a graph parse on TensorRT 10.3 and 11.x, decided from the graph alone.
 
 Real graphs are the project's own: every graph the export contracts write for the demo DynamicViT, a small LV-ViT
 and the demo ViT with ToMe, and one export_model folder; the graphs that must fail are built with onnx.helper, one
@@ -20,8 +20,8 @@ from onnx import TensorProto, defs, helper, numpy_helper
 
 import trt_plugins
 from conftest import torch_free_env
-from export.target.tensorrt_support import (RULE_CHECKS, SUPPORT_TABLES, SupportDataError, support_data, support_table,
-                                     tensorrt_support)
+from export.on_target.tensorrt_support import (RULE_CHECKS, SUPPORT_TABLES, SupportDataError, support_data, support_table,
+                                               tensorrt_support)
 
 REPO = Path(__file__).resolve().parents[1]
 FLOAT, HALF, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
@@ -356,7 +356,7 @@ def test_lint_passes_the_export_without_torch_and_fails_a_graph_it_cannot_parse(
         (broken / path.name).write_bytes(path.read_bytes())
     onnx.save(token_gather_graph(plugin_version="2"), str(broken / "model_plugin.debug.onnx"))
     manifest = json.loads((broken / "manifest.json").read_text())
-    from export.target.golden import sha256_of
+    from export.on_target.golden import sha256_of
     for entry in manifest["artifacts"]:
         if entry["path"] == "model_plugin.debug.onnx":
             entry["sha256"] = sha256_of(broken / entry["path"])
@@ -395,7 +395,7 @@ def test_the_export_refuses_a_graph_a_target_cannot_parse_and_warns_for_another_
 
 
 def test_no_engine_build_starts_on_a_graph_the_installed_tensorrt_would_refuse(tmp_path):
-    from export.target.engine import UnsupportedGraph, require_supported
+    from export.on_target.engine import UnsupportedGraph, require_supported
 
     onnx.save(run_time_k(), str(tmp_path / "model.debug.onnx"))
     with pytest.raises(UnsupportedGraph, match=r"would not parse on TensorRT 10.3.0.30 .*node 'select' \(TopK\)"):

@@ -12,7 +12,7 @@ from compress.models import tocom, tocom_files, tome
 
 from compress.plumbing.cli import run_cli
 from compress.tocom_import import main as import_main
-from export.target.compare import onnxruntime_session, session_runner
+from export.on_target.compare import onnxruntime_session, session_runner
 from export.tome_export import ToMeExport
 
 TOCOM_GOLDEN = Path(__file__).parent / "data" / "tome_tocom_reference.npz"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress.models import tome
-from export.target.compare import onnxruntime_session, session_runner
+from export.on_target.compare import onnxruntime_session, session_runner
 from export.tome_export import MIN_TENSORRT_VERSION, ToMeExport, ToMeExportError, check_tensorrt_version
 
 GOLDEN = Path(__file__).parent / "data" / "tome_reference.npz"

@@ -18,7 +18,7 @@ not required and should not be specified"). No precision builder flag is ever se
 TF32 is off for every engine: polygraphy's CreateConfig clears it by default and we keep that on purpose. The
 float32 engine is the bit-faithful deployment and the float32 islands of the mixed graphs exist to keep full
 precision where token choice is decided; TF32 (10-bit mantissa) in their matrix products would undo both. The
-float32 engine is therefore held to ``ENGINE_FLOAT32_MAX_ABS_ERROR`` (see export.target.compare).
+float32 engine is therefore held to ``ENGINE_FLOAT32_MAX_ABS_ERROR`` (see export.on_target.compare).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
-from export.target.environment import INSTALL_HINT, tensorrt_major, tensorrt_unavailable_reason
+from export.on_target.environment import INSTALL_HINT, tensorrt_major, tensorrt_unavailable_reason
 
 __all__ = ["INSTALL_HINT", "EnginePlan", "TensorRTError", "TensorRTRunner", "build_engine", "plan_engine",
            "portability_problem", "tensorrt_unavailable_reason", "timing_cache_path", "trtexec_commands"]
@@ -111,7 +111,7 @@ def portability_problem(built: dict, here: dict) -> str | None:
 
     By default a serialized engine runs only with the TensorRT version and on the GPU model it was built for
     (TensorRT Developer Guide, on engine compatibility). Both dicts hold "tensorrt",
-    "gpu" and "compute_capability" as ``export.target.environment.target_facts`` gives them.
+    "gpu" and "compute_capability" as ``export.on_target.environment.target_facts`` gives them.
     """
     problems = []
     if built.get("tensorrt") != here.get("tensorrt"):

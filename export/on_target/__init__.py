@@ -1,4 +1,4 @@
-"""export.target: the target-side stage, run on a Jetson (or any GPU machine) from a copied export folder.
+"""export.on_target: the target-side stage, run on a Jetson (or any GPU machine) from a copied export folder.
 
 It imports only the standard library, numpy, onnx, onnxruntime (and onnxruntime-extensions for the plugin
 flavour), polygraphy and TensorRT, plus the project's torch-free plumbing (``compress.plumbing.errors``, ``compress.plumbing.cli``,

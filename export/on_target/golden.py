@@ -21,7 +21,7 @@ import numpy as np
 
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
-from export.target.compare import RANDOM_INPUTS
+from export.on_target.compare import RANDOM_INPUTS
 
 GOLDEN_FILE = "golden.npz"
 GOLDEN_ROLE = "golden"

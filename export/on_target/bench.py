@@ -44,11 +44,11 @@ import trt_plugins
 from compress.plumbing.cli import add_version_argument, bounded, parser_from_docstring
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
-from export.target.compare import cpu_session_options
-from export.target.engine import engine_problem, read_manifest
-from export.target.environment import (command_output, cuda_devices, load_average, target_facts, tensorrt_unavailable_reason,
-                                tool_versions)
-from export.target.tensorrt_engine import TensorRTRunner
+from export.on_target.compare import cpu_session_options
+from export.on_target.engine import engine_problem, read_manifest
+from export.on_target.environment import (command_output, cuda_devices, load_average, target_facts, tensorrt_unavailable_reason,
+                                          tool_versions)
+from export.on_target.tensorrt_engine import TensorRTRunner
 from trt_plugins.ort_token_gather import make_session
 
 BACKENDS = ("ort-cpu", "ort-cuda", "trt", "pytorch-cpu", "pytorch-cuda")

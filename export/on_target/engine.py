@@ -6,7 +6,7 @@ Copy an export folder (written by ``python -m export.build``) to the target, the
   --backend trt  build a TensorRT engine per precision on this machine, check it against the golden data,
                  time it, and add each passing engine, its figures and this machine's facts to the manifest
   --lint         only check every ONNX graph of the folder against what the ONNX parser of TensorRT 10.3 and
-                 11.x supports (export.target.tensorrt_support; needs neither TensorRT nor a GPU): one line per graph
+                 11.x supports (export.on_target.tensorrt_support; needs neither TensorRT nor a GPU): one line per graph
                  and version; the same check runs before any engine build, for the installed TensorRT
 
 Both check with the comparison and the criteria export.build used: float32 - max abs error on the logits
@@ -34,15 +34,15 @@ import trt_plugins
 from compress.plumbing.cli import add_version_argument, bounded, parser_from_docstring
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
-from export.target.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS,
-                            REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison, Runner, compare, onnxruntime_session,
-                            run_batched, session_runner)
-from export.target.environment import INSTALL_HINT, target_facts, tensorrt_unavailable_reason
-from export.target.golden import GoldenSet, debug_role, load_golden, sha256_of, verified_path
-from export.target.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine, minimum_version_problem, plan_engine,
-                                    portability_problem, timing_cache_path)
-from export.target.tensorrt_support import (SUPPORT_TABLES, Problem, check_graphs, report_lines, support_table,
-                                     target_tables)
+from export.on_target.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS,
+                                      REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison, Runner, compare, onnxruntime_session,
+                                      run_batched, session_runner)
+from export.on_target.environment import INSTALL_HINT, target_facts, tensorrt_unavailable_reason
+from export.on_target.golden import GoldenSet, debug_role, load_golden, sha256_of, verified_path
+from export.on_target.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine, minimum_version_problem, plan_engine,
+                                              portability_problem, timing_cache_path)
+from export.on_target.tensorrt_support import (SUPPORT_TABLES, Problem, check_graphs, report_lines, support_table,
+                                               target_tables)
 
 EXIT_DISAGREES = 1
 # Graphs of folders written before artefact entries recorded their precision.
@@ -126,7 +126,7 @@ def criteria(manifest: dict, role: str, set_name: str, engine: bool = False) -> 
     """(max abs tolerance, minimum top-1 agreement) that ``role`` met for ``set_name`` at export.
 
     Read from the manifest's validation figures (the very criteria export.build applied); the defaults of
-    export.target.compare where they are absent. A float32 engine gets the engine tolerance (TF32 off, GPU order).
+    export.on_target.compare where they are absent. A float32 engine gets the engine tolerance (TF32 off, GPU order).
     """
     precision = graph_precisions(manifest)[role]
     recorded = [c for c in manifest.get("validation", {}).get(role, {}).get("comparisons", [])
