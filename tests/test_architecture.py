@@ -107,7 +107,8 @@ TARGET_PACKAGE = "export.on_target"
 # What the target stage may import on a Jetson besides the standard library: these distributions, and project
 # modules that (transitively) import nothing else. Function-level imports count: a Jetson user can reach them.
 # onnxruntime_extensions runs the plugin flavour's TokenGather node on ONNX Runtime (optional, imported on use).
-TARGET_THIRD_PARTY = {"numpy", "onnx", "onnxruntime", "onnxruntime_extensions", "polygraphy", "tensorrt"}
+TARGET_THIRD_PARTY = {"numpy", "onnx", "onnxruntime", "onnxruntime_extensions", "polygraphy", "tensorrt",
+                      "tensorrt_rtx_bindings"}
 
 
 def module_path(module: str, root: Path = REPO) -> Path | None:

@@ -13,10 +13,9 @@ import re
 import subprocess
 from pathlib import Path
 
-INSTALL_HINT = (
-    "install TensorRT's Python bindings (pip install -e '.[trt]' on a desktop GPU machine; on Jetson use "
-    "JetPack's python3-libnvinfer) and run on a machine with an NVIDIA GPU"
-)
+from export.on_target.runtimes import RTX_DEFAULT_TARGETS, TENSORRT, TENSORRT_RTX, Runtime, rtx_targets_gpu, runtime_version
+
+INSTALL_HINT = TENSORRT.install_hint
 # Distributions reported in manifests and benchmark results, when installed (none of them is imported).
 REPORTED_DISTRIBUTIONS = ("numpy", "onnx", "onnxruntime-gpu", "onnxruntime", "onnxruntime-extensions", "polygraphy",
                           "nvidia-modelopt", "torch", "timm")
@@ -35,15 +34,13 @@ def tool_versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     versions["tensorrt"] = tensorrt_version()
+    versions["tensorrt_rtx"] = runtime_version(TENSORRT_RTX)
     return versions
 
 
 def tensorrt_version() -> str | None:
-    try:
-        import tensorrt  # optional: the TensorRT bindings exist only on GPU machines
-    except ImportError:
-        return None
-    return tensorrt.__version__
+    """The installed TensorRT's version (None when its bindings do not import)."""
+    return runtime_version(TENSORRT)
 
 
 def tensorrt_major(version: str) -> int:
@@ -93,11 +90,31 @@ def cuda_driver_version() -> str | None:
 
 
 def tensorrt_unavailable_reason() -> str | None:
-    """None when an engine can be built here, else why not (in words a user can act on)."""
-    if tensorrt_version() is None:
-        return "TensorRT is not installed"
-    if not cuda_devices():
+    """None when a TensorRT engine can be built (and run) here, else why not (in words a user can act on)."""
+    return build_unavailable_reason(TENSORRT)
+
+
+def build_unavailable_reason(chosen: Runtime) -> str | None:
+    """None when ``chosen`` can build an engine here, else why not. TensorRT builds on the GPU it targets;
+    TensorRT-RTX builds on the CPU alone."""
+    if runtime_version(chosen) is None:
+        return f"{chosen.name} is not installed"
+    if not chosen.builds_without_gpu and not cuda_devices():
         return "no CUDA GPU is visible"
+    return None
+
+
+def run_unavailable_reason(chosen: Runtime, targets: tuple[str, ...] = RTX_DEFAULT_TARGETS) -> str | None:
+    """None when an engine of ``chosen`` (for RTX: built for ``targets``) can run here, else why not."""
+    if runtime_version(chosen) is None:
+        return f"{chosen.name} is not installed"
+    devices = cuda_devices()
+    if not devices:
+        return "no CUDA GPU is visible"
+    capability = devices[0]["compute_capability"]
+    if chosen is TENSORRT_RTX and not rtx_targets_gpu(capability, tuple(targets)):
+        return (f"the GPU ({devices[0]['name']}, compute capability {capability}) is not one the RTX engines target "
+                f"({', '.join(targets)})")
     return None
 
 
@@ -146,7 +163,7 @@ def load_average() -> list[float] | None:
 def target_facts() -> dict:
     """What an engine is tied to and what its timings depend on: TensorRT, GPU, driver, CPU, Jetson mode."""
     devices = cuda_devices()
-    facts = {"tensorrt": tensorrt_version(), "gpu": devices[0]["name"] if devices else None,
+    facts = {"tensorrt": tensorrt_version(), "tensorrt_rtx": runtime_version(TENSORRT_RTX), "gpu": devices[0]["name"] if devices else None,
              "compute_capability": devices[0]["compute_capability"] if devices else None,
              "cuda_driver": cuda_driver_version(), "cpu": cpu_model(), "machine": platform.machine(),
              "system": f"{platform.system()} {platform.release()}"}

@@ -1,9 +1,12 @@
-"""The TensorRT boundary: every TensorRT call of the project, imported lazily; and the pure decisions around it.
+"""The TensorRT boundary: every TensorRT and TensorRT-RTX call of the project; and the pure decisions around it.
 
-Nothing else in the project imports tensorrt (``export.engine`` reaches it only through this module), so
-export and every check on ONNX Runtime work without it. The decisions (which ONNX, which network and builder
-flags per TensorRT version, the trtexec command lines, whether an engine may run here, where the timing cache
-lives) are pure functions over plain values, tested without TensorRT.
+Nothing else in the project calls either runtime (``export.on_target.runtimes`` is the one place their bindings
+are imported, lazily), so export and every check on ONNX Runtime work without them. One build, one parse and one
+runner serve both runtimes: their Python APIs have the same shape, and what differs (strong typing, timing
+caches, the compute capabilities an RTX engine targets, plugin support) is data in ``runtimes.Runtime`` and in
+the ``EnginePlan``. The decisions (which ONNX, which network and builder flags per runtime and version, the
+trtexec command lines, whether an engine may run here, where the timing cache lives) are pure functions over
+plain values, tested without either runtime.
 
 Precision (TensorRT Developer Guide, "Strongly Typed Networks" and "Explicit Quantization", 10.x and 11.x; the
 10.x -> 11.x migration guide): a strongly typed network takes every tensor's type from the ONNX graph, and
@@ -25,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,9 +38,10 @@ import numpy as np
 
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
-from export.on_target.environment import INSTALL_HINT, tensorrt_major, tensorrt_unavailable_reason
+from export.on_target.environment import INSTALL_HINT, rtx_targets_gpu, tensorrt_major, tensorrt_unavailable_reason
+from export.on_target.runtimes import RTX_COMPUTE_CAPABILITIES, RTX_DEFAULT_TARGETS, TENSORRT, Runtime, require_bindings, runtime
 
-__all__ = ["INSTALL_HINT", "EnginePlan", "TensorRTError", "TensorRTRunner", "build_engine", "plan_engine",
+__all__ = ["INSTALL_HINT", "EnginePlan", "TensorRTError", "TensorRTRunner", "build_engine", "parse_onnx", "plan_engine",
            "portability_problem", "tensorrt_unavailable_reason", "timing_cache_path", "trtexec_commands"]
 
 PRECISION_ROLES = {"fp32": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}  # the validated graph per precision
@@ -58,6 +63,8 @@ class EnginePlan:
     network_flags: tuple[str, ...]  # NetworkDefinitionCreationFlag names to set
     builder_flags: tuple[str, ...]  # BuilderFlag names to set (never a precision flag)
     tf32: bool
+    runtime: str = "trt"  # runtimes.Runtime.key: "trt" | "rtx"
+    compute_capabilities: tuple[str, ...] = ()  # RTX: the GPUs the engine targets ("8.6", ...; "12.0+" by default)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,44 +92,61 @@ def minimum_version_problem(manifest: dict, tensorrt_version: str) -> str | None
     return f"the {flavour} graphs need TensorRT {minimum} or newer, this is {tensorrt_version}"
 
 
-def plan_engine(tensorrt_version: str, precision: str, gather: str = "native",
-                default_flavour: str = "native") -> EnginePlan:
-    """The build decisions for a TensorRT version, a precision and a token-selection flavour (pure).
+def plan_engine(version: str, precision: str, gather: str = "native", default_flavour: str = "native",
+                chosen: Runtime = TENSORRT, compute_capabilities: Sequence[str] = RTX_DEFAULT_TARGETS) -> EnginePlan:
+    """The build decisions for a runtime and its version, a precision and a token-selection flavour (pure).
 
-    10.x: STRONGLY_TYPED must be requested; 11.x: every network is strongly typed (the flag is redundant and
-    not passed). float32 with the TokenGather plugin builds from the plugin graph; reduced precision uses the
-    flavour the reduced graph was exported with.
+    TensorRT 10.x: STRONGLY_TYPED must be requested; 11.x and TensorRT-RTX: every network is strongly typed (the
+    flag is redundant and not passed). float32 with the TokenGather plugin builds from the plugin graph; reduced
+    precision uses the flavour the reduced graph was exported with. TensorRT-RTX has no plugin layer and its ONNX
+    parser aborts the process on a plugin node, so plugin graphs are refused for it here, before any parser.
     """
-    major = tensorrt_major(tensorrt_version)
-    if major < 10:
-        raise TensorRTError(f"TensorRT {tensorrt_version} is older than 10.0 (no IPluginV3, no strongly typed "
-                            "ONNX parsing of this graph): use TensorRT 10.3 (JetPack 6) or newer")
     if precision not in PRECISION_ROLES:
         raise TensorRTError(f"unknown precision {precision!r} (one of {', '.join(PRECISION_ROLES)})")
+    if chosen.key == "trt" and tensorrt_major(version) < 10:
+        raise TensorRTError(f"TensorRT {version} is older than 10.0 (no IPluginV3, no strongly typed "
+                            "ONNX parsing of this graph): use TensorRT 10.3 (JetPack 6) or newer")
+    if not chosen.supports_plugins and gather == "plugin":
+        raise TensorRTError(f"{chosen.name} cannot build the plugin flavour: it has no plugin layer and its ONNX "
+                            "parser aborts on a TokenGather node; export with --gather native")
     # float32 builds from the graph of the flavour asked for (the default flavour's is "onnx"); reduced
     # precision graphs are exported in the asked flavour already.
     role = f"onnx_{gather}" if precision == "fp32" and gather != default_flavour else PRECISION_ROLES[precision]
+    strongly_typed_flag = not chosen.always_strongly_typed and tensorrt_major(version) == 10
     return EnginePlan(precision=precision, onnx_role=role, strongly_typed=True,
-                      network_flags=("STRONGLY_TYPED",) if major == 10 else (), builder_flags=(), tf32=False)
+                      network_flags=("STRONGLY_TYPED",) if strongly_typed_flag else (), builder_flags=(), tf32=False,
+                      runtime=chosen.key,
+                      compute_capabilities=tuple(compute_capabilities) if chosen.key == "rtx" else ())
 
 
 def portability_problem(built: dict, here: dict) -> str | None:
     """Why an engine built with ``built`` facts must not run on a machine with ``here`` facts (None: it may).
 
-    By default a serialized engine runs only with the TensorRT version and on the GPU model it was built for
-    (TensorRT Developer Guide, on engine compatibility). Both dicts hold "tensorrt",
-    "gpu" and "compute_capability" as ``export.on_target.environment.target_facts`` gives them.
+    A TensorRT engine runs only with the TensorRT version and on the GPU model it was built for (TensorRT
+    Developer Guide, on engine compatibility). A TensorRT-RTX engine (``built["runtime"]`` "TensorRT-RTX") runs
+    with the TensorRT-RTX version that built it, on any GPU whose compute capability it targets
+    (``built["compute_capabilities"]``). ``here`` holds "tensorrt", "tensorrt_rtx", "gpu" and "compute_capability"
+    as ``export.on_target.environment.target_facts`` gives them.
     """
     problems = []
-    if built.get("tensorrt") != here.get("tensorrt"):
-        problems.append(f"TensorRT {built.get('tensorrt')} (here: {here.get('tensorrt')})")
-    if built.get("compute_capability") != here.get("compute_capability") or built.get("gpu") != here.get("gpu"):
-        problems.append(f"GPU {built.get('gpu')} with compute capability {built.get('compute_capability')} "
-                        f"(here: {here.get('gpu')}, {here.get('compute_capability')})")
+    if built.get("runtime") == "TensorRT-RTX":
+        if built.get("tensorrt_rtx") != here.get("tensorrt_rtx"):
+            problems.append(f"TensorRT-RTX {built.get('tensorrt_rtx')} (here: {here.get('tensorrt_rtx')})")
+        targets = tuple(built.get("compute_capabilities") or RTX_DEFAULT_TARGETS)
+        if not rtx_targets_gpu(here.get("compute_capability"), targets):
+            problems.append(f"GPUs of compute capability {', '.join(targets)} (here: {here.get('gpu')}, "
+                            f"{here.get('compute_capability')})")
+        rebuild = "python -m export.engine EXPORT_DIR --backend rtx"
+    else:
+        if built.get("tensorrt") != here.get("tensorrt"):
+            problems.append(f"TensorRT {built.get('tensorrt')} (here: {here.get('tensorrt')})")
+        if built.get("compute_capability") != here.get("compute_capability") or built.get("gpu") != here.get("gpu"):
+            problems.append(f"GPU {built.get('gpu')} with compute capability {built.get('compute_capability')} "
+                            f"(here: {here.get('gpu')}, {here.get('compute_capability')})")
+        rebuild = "python -m export.engine EXPORT_DIR"
     if not problems:
         return None
-    return ("engine built for " + " and ".join(problems) + "; engines are not portable: rebuild it here with "
-            "python -m export.engine EXPORT_DIR")
+    return f"engine built for {' and '.join(problems)}; engines are not portable: rebuild it here with {rebuild}"
 
 
 def timing_cache_path(folder: Path, facts: dict) -> Path:
@@ -189,42 +213,119 @@ def write_trtexec(folder: Path, manifest: dict) -> dict:
     return {"path": TRTEXEC_FILE, "role": "trtexec", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-# ----------------------------------------------------------------------------- TensorRT itself (lazy imports)
+# ----------------------------------------------------------------------------- the runtimes themselves (lazy imports)
 
 
-def _logger():
-    import tensorrt as trt  # optional dependency: present only on GPU machines
+def _logger(bindings):
+    """A logger that prints warnings and errors as TensorRT's default one does, and keeps the errors, so that a
+    failed parse or build can name its cause in one line."""
 
-    return trt.Logger(trt.Logger.WARNING)
+    class RecordingLogger(bindings.ILogger):
+        def __init__(self):
+            bindings.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, message):
+            if severity <= bindings.ILogger.Severity.ERROR:
+                self.errors.append(str(message))
+            if severity <= bindings.ILogger.Severity.WARNING:
+                print(f"[{bindings.__name__}] {severity.name}: {message}", file=sys.stderr)
+
+    return RecordingLogger()
+
+
+@dataclass
+class ParsedNetwork:
+    """A network parsed from ONNX, with the objects that must outlive it (TensorRT keeps pointers to them)."""
+
+    bindings: object
+    logger: object
+    builder: object
+    network: object
+    parser: object
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.network.num_layers)
+
+
+def parse_onnx(chosen: Runtime, onnx_path: Path, network_flags: Sequence[str] = ()) -> ParsedNetwork:
+    """Parse ``onnx_path`` with the runtime's ONNX parser; TensorRTError naming the parser's first error.
+
+    Never give it a graph with a TokenGather node on TensorRT-RTX: its parser aborts the process (``plan_engine``
+    refuses such graphs first).
+    """
+    bindings = require_bindings(chosen)
+    logger = _logger(bindings)
+    builder = bindings.Builder(logger)
+    flags = 0
+    for name in network_flags:
+        flags |= 1 << int(getattr(bindings.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(flags)
+    parser = bindings.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)] or ["no error recorded"]
+        raise TensorRTError(f"{chosen.name}'s ONNX parser refused {Path(onnx_path).name}: {errors[0][:300]}")
+    return ParsedNetwork(bindings, logger, builder, network, parser)
+
+
+def build_serialized(parsed: ParsedNetwork, plan: EnginePlan, profiles: Sequence[dict[str, tuple]],
+                     timing_cache: Path | None = None) -> bytes:
+    """Build a parsed network as ``plan`` says; ``profiles``: [{input name: (min, opt, max) shapes}, ...].
+
+    TF32 is cleared (the default turns it on); an RTX plan sets its compute capabilities unless it targets the
+    runtime's defaults; the timing cache is read and written only where the runtime takes one.
+    """
+    trt, builder = parsed.bindings, parsed.builder
+    config = builder.create_builder_config()
+    if not plan.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    for name in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, name))
+    if plan.compute_capabilities and tuple(plan.compute_capabilities) != RTX_DEFAULT_TARGETS:
+        config.num_compute_capabilities = len(plan.compute_capabilities)
+        for index, capability in enumerate(plan.compute_capabilities):
+            config.set_compute_capability(getattr(trt.ComputeCapability, RTX_COMPUTE_CAPABILITIES[capability]), index)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    cache = None
+    if timing_cache is not None and runtime(plan.runtime).timing_cache:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(parsed.network, config)
+    if serialized is None:
+        cause = parsed.logger.errors[-1][:300] if parsed.logger.errors else "see its log above"
+        raise TensorRTError(f"{runtime(plan.runtime).name}'s builder refused the network: {cause}")
+    if cache is not None:
+        data = bytes(config.get_timing_cache().serialize())
+        atomic_write(timing_cache, lambda temporary: Path(temporary).write_bytes(data))
+    return bytes(serialized)
 
 
 def build_engine(plan: EnginePlan, onnx_path: Path, engine_path: Path, batch: dict, input_name: str,
                  image_shape: Sequence[int], timing_cache: Path | None) -> dict:
     """Build ``engine_path`` from ``onnx_path`` as ``plan`` says; returns the build facts for the manifest.
 
-    The caller loads the plugin library first when the graph has TokenGather nodes.
+    The caller loads the plugin library first when the graph has TokenGather nodes (TensorRT only).
     """
-    import tensorrt as trt  # optional dependency
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
-
+    chosen = runtime(plan.runtime)
     shape = tuple(image_shape)
-    profile = Profile().add(input_name, min=(batch["min"], *shape), opt=(batch["opt"], *shape),
-                            max=(batch["max"], *shape))
-    # polygraphy sets STRONGLY_TYPED through strongly_typed=True; on 11.x the flag is accepted and redundant.
-    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed="STRONGLY_TYPED" in plan.network_flags or None)
-    config = CreateConfig(tf32=plan.tf32, profiles=[profile],
-                          load_timing_cache=str(timing_cache) if timing_cache and timing_cache.exists() else None)
     started = time.perf_counter()
+    parsed = parse_onnx(chosen, onnx_path, plan.network_flags)
+    profile = {input_name: ((batch["min"], *shape), (batch["opt"], *shape), (batch["max"], *shape))}
     try:
-        serialized = EngineBytesFromNetwork(network, config,
-                                            save_timing_cache=str(timing_cache) if timing_cache else None)()
-    except Exception as exc:  # polygraphy reports parser and builder failures as its own exception types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
-        raise TensorRTError(f"TensorRT could not build an engine from {onnx_path.name}: {first}") from None
-    data = bytes(serialized)
+        data = build_serialized(parsed, plan, [profile], timing_cache)
+    except TensorRTError as exc:
+        raise TensorRTError(f"{chosen.name} could not build an engine from {Path(onnx_path).name}: {exc}") from None
     atomic_write(engine_path, lambda temporary: Path(temporary).write_bytes(data))  # never half an engine
-    return {"tensorrt": trt.__version__, "built_from": onnx_path.name, "plan": plan.to_dict(),
-            "build_seconds": round(time.perf_counter() - started, 2)}
+    facts = {"runtime": chosen.name, chosen.version_key: str(parsed.bindings.__version__), "built_from": Path(onnx_path).name, "plan": plan.to_dict(),
+             "layers": parsed.num_layers, "bytes": len(data), "build_seconds": round(time.perf_counter() - started, 2)}
+    if chosen.key == "rtx":
+        facts["compute_capabilities"] = list(plan.compute_capabilities)
+    return facts
 
 
 class CudaEvents:
@@ -266,17 +367,17 @@ class TensorRTRunner:
     (or ``with``) releases the context, the buffers and the stream.
     """
 
-    def __init__(self, engine_path: Path, output_names: Sequence[str] | None = None):
-        import tensorrt as trt  # optional dependency
-        from polygraphy import cuda
+    def __init__(self, engine_path: Path, output_names: Sequence[str] | None = None, chosen: Runtime = TENSORRT):
+        from polygraphy import cuda  # loads libcudart; independent of which runtime runs the engine
 
+        trt = require_bindings(chosen)
         self.trt, self.cuda = trt, cuda
-        self.logger = _logger()  # held for the runtime's lifetime: TensorRT keeps only a pointer to it
+        self.logger = _logger(trt)  # held for the runtime's lifetime: TensorRT keeps only a pointer to it
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
-            raise TensorRTError(f"TensorRT could not load {engine_path} (built by another TensorRT version, for "
-                                "another GPU, or without the plugin library loaded)")
+            raise TensorRTError(f"{chosen.name} could not load {engine_path} (built by another runtime or version, "
+                                "for another GPU, or without the plugin library loaded)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         found = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
