@@ -1,4 +1,5 @@
-"""export.on_target.tensorrt_support: will a graph parse on TensorRT 10.3 and 11.x, decided from the graph alone.
+"""export.on_target.tensorrt_support: will a graph parse on TensorRT 10.3, 11.x and TensorRT-RTX, decided from the
+graph alone.
 
 Real graphs are the project's own: every graph the export contracts write for the demo DynamicViT, a small LV-ViT
 and the demo ViT with ToMe, and one export_model folder; the graphs that must fail are built with onnx.helper, one
@@ -20,8 +21,8 @@ from onnx import TensorProto, defs, helper, numpy_helper
 
 import trt_plugins
 from conftest import torch_free_env
-from export.on_target.tensorrt_support import (RULE_CHECKS, SUPPORT_TABLES, SupportDataError, support_data, support_table,
-                                               tensorrt_support)
+from export.on_target.tensorrt_support import (BOTH_TABLES, RULE_CHECKS, SUPPORT_TABLES, SupportDataError, support_data,
+                                               support_table, target_tables, tensorrt_support)
 
 REPO = Path(__file__).resolve().parents[1]
 FLOAT, HALF, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
@@ -162,28 +163,28 @@ def quantize(zero_point, dequantize=True):
 
 # (graph, versions on which it fails (one problem each), what the problem line says)
 MUST_FAIL = {
-    "unsupported operator": (unsupported_operator, ("10.3", "11"), "node 'unique' (Unique): not supported by the"),
-    "custom operator without a plugin": (custom_operator, ("10.3", "11"), "no plugin this project ships registers"),
-    "TopK with a run-time K": (run_time_k, ("10.3", "11"), "node 'select' (TopK): K must be a build-time constant"),
-    "TopK with K over 3840": (too_large_k, ("10.3", "11"), "K up to 3840 (the parser table"),
+    "unsupported operator": (unsupported_operator, ("10.3", "11", "rtx"), "node 'unique' (Unique): not supported by the"),
+    "custom operator without a plugin": (custom_operator, ("10.3", "11", "rtx"), "no plugin this project ships registers"),
+    "TopK with a run-time K": (run_time_k, ("10.3", "11", "rtx"), "node 'select' (TopK): K must be a build-time constant"),
+    "TopK with K over 3840": (too_large_k, ("10.3", "11", "rtx"), "K up to 3840 (the parser table"),
     "Squeeze axes not an initializer (10.3)": (squeeze_axes_not_an_initializer, ("10.3",), "`axes` must be an initializer"),
     "integer exponent (10.3)": (integer_exponent, ("10.3",), "input 1 ('e') is INT32; the parser supports FP32, FP16, BF16"),
     "mixed-precision BatchNormalization (10.3)": (mixed_precision_batch_norm, ("10.3",), "from TensorRT 10.7"),
     "opset 21 (10.3)": (opset_21, ("10.3",), "graph: opset 21 is outside the opset range 9-20"),
-    "Cast to INT8": (cast_to_int8, ("10.3", "11"), "to is INT8; the parser casts to"),
-    "LayerNormalization Mean output used": (layer_norm_mean_used, ("10.3", "11"), "only the first output `Y`"),
-    "ScatterElements add with INT32 indices": (lambda: scatter_add(TensorProto.INT32), ("10.3", "11"), "INT64 indices only"),
-    "QuantizeLinear with a zero point": (lambda: quantize(np.array(3, np.int8)), ("10.3", "11"), "must be 0"),
-    "QuantizeLinear to UINT8": (lambda: quantize(np.array(0, np.uint8), dequantize=False), ("10.3", "11"), "signed INT8 only"),
-    "TokenGather of another version": (lambda: token_gather_graph(plugin_version="2"), ("10.3", "11"),
+    "Cast to INT8": (cast_to_int8, ("10.3", "11", "rtx"), "to is INT8; the parser casts to"),
+    "LayerNormalization Mean output used": (layer_norm_mean_used, ("10.3", "11", "rtx"), "only the first output `Y`"),
+    "ScatterElements add with INT32 indices": (lambda: scatter_add(TensorProto.INT32), ("10.3", "11", "rtx"), "INT64 indices only"),
+    "QuantizeLinear with a zero point": (lambda: quantize(np.array(3, np.int8)), ("10.3", "11", "rtx"), "must be 0"),
+    "QuantizeLinear to UINT8": (lambda: quantize(np.array(0, np.uint8), dequantize=False), ("10.3", "11", "rtx"), "signed INT8 only"),
+    "TokenGather of another version": (lambda: token_gather_graph(plugin_version="2"), ("10.3", "11", "rtx"),
                                        "plugin_version '2' is not the version the TokenGather plugin registers ('1')"),
-    "TokenGather with a float K": (lambda: token_gather_graph(K=3.0), ("10.3", "11"),
+    "TokenGather with a float K": (lambda: token_gather_graph(K=3.0), ("10.3", "11", "rtx"),
                                    "attribute 'K' is FLOAT, the plugin reads it as INT"),
-    "TokenGather with an unknown attribute": (lambda: token_gather_graph(keep=3), ("10.3", "11"),
+    "TokenGather with an unknown attribute": (lambda: token_gather_graph(keep=3), ("10.3", "11", "rtx"),
                                               "attribute 'keep' is not a field of the TokenGather creator"),
-    "TokenGather without plugin_namespace (11)": (lambda: token_gather_graph(plugin_namespace=None), ("11",),
+    "TokenGather without plugin_namespace (11)": (lambda: token_gather_graph(plugin_namespace=None), ("11", "rtx"),
                                                   "read from the node's domain"),
-    "TokenGather K beyond the patch tokens": (lambda: token_gather_graph(K=9), ("10.3", "11"), "K 9 is outside 1..8"),
+    "TokenGather K beyond the patch tokens": (lambda: token_gather_graph(K=9), ("10.3", "11", "rtx"), "K 9 is outside 1..8"),
 }
 
 
@@ -196,7 +197,9 @@ def test_graphs_that_must_fail_fail_with_one_line_naming_node_and_reason(case):
         if table in failing:
             assert len(problems) == 1, (table, [str(p) for p in problems])
             line = str(problems[0])
-            assert "\n" not in line and fragment in line, (table, line)
+            plugin_node = model.graph.node[-1].op_type in (trt_plugins.PLUGIN_NAME, "FancyGather", "ScatterElements")
+            expected = "TensorRT-RTX ships no plugin library" if table == "rtx" and plugin_node else fragment
+            assert "\n" not in line and expected in line, (table, line)
             assert line.startswith("graph: ") or line.startswith(f"node '{model.graph.node[-1].name}'") or "node '" in line
             assert problems[0].source in support_data()["sources"]
         else:
@@ -208,12 +211,29 @@ def test_graphs_that_must_fail_fail_with_one_line_naming_node_and_reason(case):
                          ids=["K folded from a Constant", "K from a static dimension", "ScatterElements add, INT64",
                               "TokenGather as exported", "symmetric INT8 quantize"])
 def test_graphs_that_must_pass_pass_on_both_versions(build):
-    for table in SUPPORT_TABLES:
+    for table in BOTH_TABLES:
         assert tensorrt_support(build(), table) == []
+
+
+RTX_REFUSALS = {  # TensorRT-RTX ships no plugin library: what TensorRT runs as a plugin, it refuses
+    "TokenGather (its parser aborts the process on it)": (token_gather_graph, "ships no plugin library"),
+    "ScatterElements with a reduction": (lambda: scatter_add(INT64), "reduction is 'add'"),
+}
+
+
+@pytest.mark.parametrize("case", list(RTX_REFUSALS))
+def test_rtx_refuses_what_tensorrt_runs_as_a_plugin(case):
+    build, fragment = RTX_REFUSALS[case]
+    problems = tensorrt_support(build(), "rtx")
+    assert len(problems) == 1 and fragment in str(problems[0]), [str(p) for p in problems]
+    assert tensorrt_support(build(), "1.7.1.116") == problems
 
 
 def test_versions_map_to_the_tables_of_their_major():
     assert [support_table(v) for v in ("10.3.0.30", "10.7", "10.3", "11", "11.1.0.7")] == ["10.3"] * 3 + ["11"] * 2
+    assert [support_table(v) for v in ("rtx", "1.7.1.116", "1.8")] == ["rtx"] * 3
+    assert target_tables("both") == BOTH_TABLES == ("10.3", "11") and target_tables("rtx") == ("rtx",)
+    assert target_tables(["11", "1.7.1.116"]) == ("11", "rtx")
     for bad in ("8.6.1", "12.0", "jetpack"):
         with pytest.raises(SupportDataError):
             support_table(bad)
@@ -229,8 +249,11 @@ def test_data_has_a_row_for_every_onnx_operator_up_to_the_documented_opset():
              for name in operators}
     for table in SUPPORT_TABLES:
         highest = data["versions"][table]["opset"]["max"]
-        missing = [n for n in operators if since[n] <= highest and data["operators"].get(n, {}).get(table, {}).get("listed") is False
-                   or since[n] <= highest and n not in data["operators"]]
+        # A matrix lists every operator of its opset range; TensorRT-RTX's rows are measured, and "listed": false
+        # there records that its parser has no importer for the operator.
+        unlisted = [n for n in operators if data["operators"].get(n, {}).get(table, {}).get("listed") is False]
+        missing = [n for n in operators if since[n] <= highest and (n not in data["operators"] or
+                                                                    table != "rtx" and n in unlisted)]
         assert missing == [], (table, missing)
 
 
@@ -302,9 +325,11 @@ def exported_graphs() -> dict[str, onnx.ModelProto]:
 
 
 def test_every_graph_the_tool_exports_parses_on_both_versions(exported_graphs):
-    problems = {name: [f"{table}: {p}" for table in SUPPORT_TABLES for p in tensorrt_support(model, table)]
+    problems = {name: [f"{table}: {p}" for table in BOTH_TABLES for p in tensorrt_support(model, table)]
                 for name, model in exported_graphs.items()}
     assert {name: found for name, found in problems.items() if found} == {}
+    refused_on_rtx = {name for name, model in exported_graphs.items() if tensorrt_support(model, "rtx")}
+    assert refused_on_rtx == {name for name in exported_graphs if " plugin " in name or " scatter " in name}
     seen = {n.op_type for model in exported_graphs.values() for n in model.graph.node}
     assert {"TokenGather", "ScatterElements", "QuantizeLinear", "DequantizeLinear", "BatchNormalization"} <= seen
     assert len(exported_graphs) == 7 + 4 + 7
@@ -332,8 +357,10 @@ def test_the_manifest_records_the_verdict_per_version(export_folder):
     graphs = sorted(a["path"] for a in manifest["artifacts"] if a["role"].startswith("onnx"))
     support = manifest["tensorrt_support"]
     assert support["targets"] == ["10.3", "11"] and sorted(support["graphs"]) == graphs
-    assert all(facts["supported"] and facts["target"] for facts in support["versions"].values()), support
-    assert all(per == {"10.3": [], "11": []} for per in support["graphs"].values())
+    assert all(support["versions"][table]["supported"] and support["versions"][table]["target"] for table in BOTH_TABLES)
+    assert support["versions"]["rtx"] == {**support["versions"]["rtx"], "supported": False, "target": False}
+    assert all(per["10.3"] == per["11"] == [] for per in support["graphs"].values())
+    assert {graph for graph, per in support["graphs"].items() if per["rtx"]} == {g for g in graphs if "plugin" in g}
 
 
 def lint(folder: Path, tmp_path: Path, *args) -> subprocess.CompletedProcess:

@@ -1,14 +1,17 @@
-"""Will this ONNX graph parse on TensorRT 10.3 (JetPack 6) and 11.x? Checked from the graph alone, without TensorRT.
+"""Will this ONNX graph parse on TensorRT 10.3 (JetPack 6), 11.x and TensorRT-RTX 1.x? Checked from the graph alone.
 
 ``tensorrt_support(graph, version) -> list[Problem]``: every node of the graph (subgraphs and local functions
 included) against what the ONNX parser of that TensorRT release accepts; an empty list means nothing known stands
 in the way. The facts are data, not code: ``tensorrt_support.json`` beside this module transcribes, per operator and
 release, the parser's support matrix (onnx-tensorrt ``docs/operators.md``: supported or not, the supported types,
 the restrictions as written) and the rules checked here, each with its source (the matrix of the release, the
-parser's changelog, TensorRT's layer and plugin documentation). What a node is checked for:
+parser's changelog, TensorRT's layer and plugin documentation). The ``rtx`` table (TensorRT-RTX) is measured: its
+facts come from running TensorRT-RTX 1.7.1's own parser and CPU-only builder and from NVIDIA's TensorRT-RTX
+documentation. What a node is checked for:
 
 - the operator is in the matrix of that release and marked supported (a node with no importer is looked up as a
-  plugin: it must be a plugin this project ships, checked against what ``trt_plugins`` registers);
+  plugin: it must be a plugin this project ships, checked against what ``trt_plugins`` registers; TensorRT-RTX
+  has no plugins at all, so there every plugin node is refused);
 - the types it computes in (read from the graph after ONNX shape inference) are supported types of the row;
 - the rules of the row: inputs that must be initializers or build-time constants (a value that constant folding
   reaches counts: a K from a Constant, an axis through Cast/Unsqueeze, a Shape of a static tensor), attribute
@@ -34,7 +37,8 @@ import trt_plugins
 from compress.plumbing.errors import PipelineError
 
 SUPPORT_DATA = Path(__file__).with_name("tensorrt_support.json")
-SUPPORT_TABLES = ("10.3", "11")  # the releases the data describes; "both" targets them all
+SUPPORT_TABLES = ("10.3", "11", "rtx")  # every runtime release the data describes
+BOTH_TABLES = ("10.3", "11")  # what "both" targets: TensorRT on Jetson and desktop (TensorRT-RTX is opt-in)
 DEFAULT_DOMAINS = ("", "ai.onnx")
 MAX_FOLDED_ELEMENTS = 1 << 16  # constants larger than this are known constant, but their values are not computed
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli", "Multinomial"}
@@ -49,7 +53,7 @@ class SupportDataError(PipelineError):
 class Problem:
     """One reason a graph would not parse (or build) on a TensorRT release."""
 
-    version: str  # the support table: "10.3" or "11"
+    version: str  # the support table: "10.3", "11" or "rtx"
     node: str     # the node's name ("" for the graph itself)
     op: str       # its op_type ("" for the graph)
     reason: str
@@ -72,10 +76,13 @@ def support_data() -> dict:
 
 
 def support_table(version: str) -> str:
-    """The support table that describes TensorRT ``version``: '10.3.0.30' -> '10.3', '11.1' -> '11'.
+    """The support table that describes TensorRT ``version``: '10.3.0.30' -> '10.3', '11.1' -> '11', and
+    TensorRT-RTX's '1.7.1.116' -> 'rtx'.
 
     Every 10.x is checked against the 10.3 table and every 11.x against the 11 table (later releases of a major
-    only add support, by the parser's changelog); older or newer majors are refused.
+    only add support, by the parser's changelog). TensorRT-RTX numbers its releases 1.x, a major no TensorRT this
+    project takes has (TensorRT 8 is the oldest with a 1-digit major), so a 1.x version is TensorRT-RTX's. Other
+    majors are refused.
     """
     text = str(version).strip()
     if text in SUPPORT_TABLES:
@@ -88,8 +95,10 @@ def support_table(version: str) -> str:
         return "10.3"
     if major == 11:
         return "11"
-    raise SupportDataError(f"TensorRT {version}: the support data describes TensorRT 10.x (checked as 10.3) and "
-                           "11.x only")
+    if major == 1:
+        return "rtx"
+    raise SupportDataError(f"TensorRT {version}: the support data describes TensorRT 10.x (checked as 10.3), 11.x "
+                           "and TensorRT-RTX 1.x (rtx) only")
 
 
 def type_name(elem_type: int) -> str:
@@ -314,7 +323,8 @@ def inferred(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def tensorrt_support(graph: onnx.ModelProto | str | Path, version: str) -> list[Problem]:
-    """Everything known to stop ``graph`` from parsing on TensorRT ``version`` ("10.3", "11", "10.3.0.30", ...).
+    """Everything known to stop ``graph`` from parsing on TensorRT ``version`` ("10.3", "11", "rtx", "10.3.0.30",
+    "1.7.1.116", ...).
 
     Pure: reads the graph (a ModelProto or a path) and the support data; runs ONNX shape inference on a copy.
     """
@@ -357,10 +367,14 @@ def _node_problems(node: onnx.NodeProto, facts: GraphFacts, table: str) -> list[
     entry = operators.get(node.op_type)
     # The parser picks an importer by op_type alone; an op_type without one is looked up as a plugin.
     if entry is None or not entry[table].get("listed", True):
+        version = support_data()["versions"][table]
+        if not version["plugins"]:
+            return [Problem(table, name, node.op_type, f"not an operator of the {version['title']} parser, and it has "
+                            "no plugins to look one up in (TensorRT-RTX ships no plugin library; its 1.7.1 parser "
+                            "aborts the process on a plugin node)", "trt-rtx-docs")]
         if node.op_type == trt_plugins.PLUGIN_NAME:
             return [Problem(table, name, node.op_type, reason, "token-gather")
                     for reason in token_gather_problems(node, facts, table)]
-        version = support_data()["versions"][table]
         plugin_version, namespace = _plugin_lookup(node, table)
         return [Problem(table, name, node.op_type,
                         f"not an operator of the {version['title']} parser: it would be looked up as a plugin (name "
@@ -685,9 +699,10 @@ def _token_gather_shapes(inputs, outputs, keep, facts: GraphFacts, spec: dict) -
 
 
 def target_tables(versions: str | Sequence[str]) -> tuple[str, ...]:
-    """'both' -> ('10.3', '11'); '10.3' -> ('10.3',); a sequence of versions -> their tables, in order."""
+    """'both' -> ('10.3', '11'); '10.3' -> ('10.3',); 'rtx' -> ('rtx',); a sequence of versions -> their tables, in
+    order. TensorRT-RTX is never in 'both': it is a target only when asked for."""
     if isinstance(versions, str):
-        versions = SUPPORT_TABLES if versions == "both" else (versions,)
+        versions = BOTH_TABLES if versions == "both" else (versions,)
     return tuple(dict.fromkeys(support_table(v) for v in versions))
 
 
