@@ -462,3 +462,52 @@ class TensorRTRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- probing a graph with a real parser (python -m export.on_target.tensorrt_support --against-parser)
+
+
+def probe_graph(chosen: Runtime, onnx_path: Path, values: dict[str, np.ndarray], network_flags: Sequence[str] = (),
+                dynamic_dims: tuple[int, int, int] = (1, 4, 8)) -> dict:
+    """Parse ``onnx_path`` with the runtime's ONNX parser, then build it here; parse and build are reported apart.
+
+    So that a refused build is the builder's and not the probe's, the network gets one optimization profile that
+    covers every input the parser left dynamic: an input with a value in ``values`` gets that value's shape (min
+    = opt = max), any other dynamic dimension ``dynamic_dims``; a shape-tensor input gets its value from
+    ``values`` (ones where none is given). Returns {"parsed", "parse_error", "built", "build_error", "layers",
+    "bytes", "seconds"}. A TokenGather node on TensorRT-RTX aborts the process: run this in a child process.
+    """
+    started = time.perf_counter()
+    result = {"parsed": False, "parse_error": None, "built": None, "build_error": None, "layers": None, "bytes": None}
+    try:
+        parsed = parse_onnx(chosen, onnx_path, network_flags)
+    except TensorRTError as exc:
+        return {**result, "parse_error": str(exc), "seconds": round(time.perf_counter() - started, 3)}
+    network, builder = parsed.network, parsed.builder
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profiled = False
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        value = values.get(tensor.name)
+        shape = tuple(tensor.shape)
+        if tensor.is_shape_tensor:
+            entries = int(np.prod(shape)) if -1 not in shape else (value.size if value is not None else 1)
+            content = [int(v) for v in np.asarray(value).reshape(-1)] if value is not None else [1] * entries
+            profile.set_shape_input(tensor.name, content, content, content)
+            profiled = True
+        if -1 in shape:
+            exact = tuple(np.shape(value)) if value is not None and np.ndim(value) == len(shape) else None
+            low, opt, high = ((exact,) * 3 if exact else
+                              tuple(tuple(d if d != -1 else pick for d in shape) for pick in dynamic_dims))
+            profile.set_shape(tensor.name, low, opt, high)
+            profiled = True
+    if profiled:
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    result.update(parsed=True, layers=parsed.num_layers, built=serialized is not None)
+    if serialized is None:
+        result["build_error"] = parsed.logger.errors[-1][:300] if parsed.logger.errors else "no error recorded"
+    else:
+        result["bytes"] = int(serialized.nbytes)
+    return {**result, "seconds": round(time.perf_counter() - started, 3)}

@@ -706,13 +706,15 @@ def target_tables(versions: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(support_table(v) for v in versions))
 
 
+def check_graph(graph: onnx.ModelProto | str | Path, versions: Sequence[str] = SUPPORT_TABLES) -> dict[str, list[Problem]]:
+    """{table: problems} for one graph (shape inference and folding run once, for every table)."""
+    facts = GraphFacts(inferred(load_graph(graph)))
+    return {table: _problems(facts, table) for table in target_tables(versions)}
+
+
 def check_graphs(paths: Sequence[Path], versions: Sequence[str] = SUPPORT_TABLES) -> dict[str, dict[str, list[Problem]]]:
     """{graph file name: {table: problems}} for every graph and support table."""
-    results = {}
-    for path in paths:
-        facts = GraphFacts(inferred(load_graph(path)))  # shape inference and folding once, for every table
-        results[Path(path).name] = {table: _problems(facts, table) for table in target_tables(versions)}
-    return results
+    return {Path(path).name: check_graph(path, versions) for path in paths}
 
 
 def manifest_entry(results: dict[str, dict[str, list[Problem]]], targets: Sequence[str]) -> dict:
@@ -743,3 +745,10 @@ def report_lines(results: dict[str, dict[str, list[Problem]]]) -> list[str]:
             lines.append(f"{graph:<{width}}  TensorRT {table:<4}  {verdict}  [{title}]")
             lines += [f"    {graph}: {p}" for p in problems]
     return lines
+
+
+if __name__ == "__main__":  # the harness that compares this check with a real parser (export.on_target.parser_agreement)
+    from compress.plumbing.cli import exit_from_cli
+    from export.on_target.parser_agreement import main
+
+    exit_from_cli(main)
