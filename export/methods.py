@@ -75,6 +75,7 @@ class MethodOptions(Protocol):
     """A method's options, as ``ExportRequest.method`` carries them (see the module docstring)."""
 
     name: ClassVar[str]
+    runtime_refusals: ClassVar[dict]  # {flavour: {runtime key ("rtx"): why that runtime cannot build it}}
 
     @property
     def flavour(self) -> str: ...
@@ -85,11 +86,19 @@ class MethodOptions(Protocol):
 # --- DynamicViT ------------------------------------------------------------------------------------------------------
 
 
+# Runtimes that cannot build a flavour, and why ({flavour: {runtime key: reason}}): refused before any work.
+DYNAMICVIT_RUNTIME_REFUSALS = {
+    "plugin": {"rtx": "it has no plugin layer, and its ONNX parser aborts the whole process on a TokenGather node "
+                      "(use --gather native)"},
+}
+
+
 class DynamicViTExport:
     """DynamicViT (any family: timm DeiT, LV-ViT) exported at a keep ratio with deterministic top-k."""
 
     name = "dynamicvit"
     flavours = SELECTION_FLAVOURS
+    runtime_refusals = DYNAMICVIT_RUNTIME_REFUSALS
     # The prediction modules' scores choose the kept tokens: quantising them changes which tokens survive.
     float_scopes = ("/score_predictor",)
     decisions = "kept tokens"
@@ -129,6 +138,7 @@ class DynamicViTExport:
             "kept_per_stage": model.stage_keep_counts(self.keep_ratio),
             "stages_before_blocks": list(model.config.pruning_locations),
             "tie_rule": TIE_RULE,
+            "runtime_refusals": self.runtime_refusals,
         }
 
     def degree_text(self, model: DynamicViTBase) -> str:
@@ -155,6 +165,7 @@ class DynamicViTOptions:
     keep: float | None = None
     gather: str = "native"
     name: ClassVar[str] = DynamicViTExport.name
+    runtime_refusals: ClassVar[dict] = DYNAMICVIT_RUNTIME_REFUSALS
 
     @property
     def flavour(self) -> str:

@@ -44,6 +44,10 @@ MIN_SCATTER_OPSET = 16  # ScatterElements' "add" reduction; torch writes an over
 # The oldest TensorRT that builds each flavour: one-hot graphs use native layers only (the project's engine path
 # starts at 10); ScatterElements with a reduction goes through the ScatterElements plugin, shipped from 10.
 MIN_TENSORRT_VERSION = {"onehot": "10.0", "scatter": "10.0"}
+# TensorRT-RTX ships no plugin library, and its parser refuses ScatterElements with a reduction ("Unsupported
+# reduction type", TensorRT-RTX 1.7.1): the scatter flavour cannot be built there.
+RUNTIME_REFUSALS = {"scatter": {"rtx": "its ONNX parser refuses ScatterElements with a reduction (it ships no "
+                                       "ScatterElements plugin; use --tome-flavour onehot)"}}
 
 
 class ToMeExportError(PipelineError):
@@ -177,6 +181,7 @@ class ToMeExport:
             "proportional_attention": True,
             "tie_rule": TIE_RULE,
             "min_tensorrt_version": dict(MIN_TENSORRT_VERSION),
+            "runtime_refusals": RUNTIME_REFUSALS,
         }
 
     def degree_text(self, model: ToMeViT) -> str:
@@ -218,6 +223,7 @@ class ToMeOptions:
     r_train: int | None = None
     flavour: str = MERGE_FLAVOURS[0]
     name: ClassVar[str] = ToMeExport.name
+    runtime_refusals: ClassVar[dict] = RUNTIME_REFUSALS
 
     def check(self, request, engines_here: bool) -> None:
         if self.flavour not in MERGE_FLAVOURS:

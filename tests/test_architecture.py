@@ -26,7 +26,8 @@ from export.validate import validate_graph
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("compress", "calibration", "export", "trt_plugins")
 LAYER = {"compress": 0, "calibration": 1, "export": 2, "trt_plugins": 2}
-TORCH_FREE_PLUMBING = {"compress.plumbing.errors", "compress.plumbing.cli", "compress.plumbing.files"}
+TORCH_FREE_PLUMBING = {"compress.plumbing.errors", "compress.plumbing.cli", "compress.plumbing.files",
+                       "compress.plumbing.folder_transaction"}
 # (importing module, imported module): a torch-free module that reaches a torch one only when that path is used.
 LAZY_PROJECT_IMPORTS = {
     ("export/bench.py", "compress.models.checkpoint"),  # PyTorch eager timing of a checkpoint: torch needed then only
@@ -97,7 +98,8 @@ def test_compress_groups_import_only_downward(path):
 
 
 def test_the_plumbing_needs_nothing_but_the_standard_library():
-    external = reachable_imports(["compress.plumbing.errors", "compress.plumbing.cli", "compress.plumbing.files"])
+    plumbing = sorted(f"compress.plumbing.{path.stem}" for path in (REPO / "compress" / "plumbing").glob("*.py"))
+    external = reachable_imports(plumbing)
     assert external == {}, external
 
 

@@ -109,7 +109,8 @@ def test_manifest_lists_passing_engines_only():
                "int8": {"path": "model_int8.engine", "passed": True, "sha256": "abc"}}
     updated = engine_cli.with_engines(manifest, engines, HERE_10_3)
     assert updated["artifacts"] == [{"path": "model.onnx", "role": "onnx"},
-                                    {"path": "model_int8.engine", "role": "engine", "sha256": "abc", "precision": "int8"}]
+                                    {"path": "model_int8.engine", "role": "engine", "sha256": "abc", "precision": "int8",
+                                     "runtime": "TensorRT"}]
     assert set(updated["engines"]) == {"fp32", "int8"} and updated["target"] == HERE_10_3
     assert manifest["engines"]["fp16"]["passed"]  # the input is left as it was
 
@@ -235,9 +236,9 @@ def test_an_engine_built_elsewhere_is_refused_before_tensorrt_is_touched(export_
     assert line.startswith(f"error: refusing {folder / 'model_fp16.engine'}: engine built for TensorRT 10.3.0.30")
     assert "engines are not portable: rebuild it here with python -m export.engine EXPORT_DIR" in line
     nothing = run_engine_cli(export_folder, "--backend", "trt", "--no-build")
-    assert nothing.returncode == 2 and "lists no engine to check" in nothing.stderr
+    assert nothing.returncode == 2 and "lists no TensorRT engine to check" in nothing.stderr
     wrong = run_engine_cli(export_folder, "--backend", "ort", "--no-build")
-    assert wrong.returncode == 2 and "--no-build checks TensorRT engines: it needs --backend trt" in wrong.stderr
+    assert wrong.returncode == 2 and "--no-build checks engines: it needs --backend trt or rtx" in wrong.stderr
 
 
 @SHARES_EXPORT

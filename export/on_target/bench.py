@@ -48,6 +48,7 @@ from export.on_target.compare import cpu_session_options
 from export.on_target.engine import engine_problem, read_manifest
 from export.on_target.environment import (command_output, cuda_devices, load_average, target_facts, tensorrt_unavailable_reason,
                                           tool_versions)
+from export.on_target.runtimes import TENSORRT, engine_runtime
 from export.on_target.tensorrt_engine import TensorRTRunner
 from trt_plugins.ort_token_gather import make_session
 
@@ -246,7 +247,9 @@ def tensorrt_runner(artefact: Artefact, batch: int) -> EngineRunner:
     """An engine ready to time at ``batch`` (TensorRT imported only here); skipped outside its profile."""
     if artefact.manifest is not None and artefact.manifest.get("gather") == "plugin":
         trt_plugins.load_plugin_library()
-    runner = TensorRTRunner(artefact.path)
+    with open(artefact.path, "rb") as engine_file:  # TensorRT or TensorRT-RTX: the engine's first bytes say
+        chosen = engine_runtime(engine_file.read(16)) or TENSORRT
+    runner = TensorRTRunner(artefact.path, chosen=chosen)
     low, _, high = runner.profile()
     if not low <= batch <= high:
         runner.close()

@@ -38,6 +38,9 @@ class Runtime:
     always_strongly_typed: bool  # the parser makes every network strongly typed; no flag to pass
     timing_cache: bool  # TensorRT-RTX's AOT build looks for a GPU when given a timing cache (its release notes)
     supports_plugins: bool  # TensorRT-RTX: no plugin layer, and its ONNX parser aborts on a plugin node
+    # The first bytes of its serialized engines: TensorRT plans begin with b"ftrt" (torch-tensorrt tells them apart
+    # by the same bytes); TensorRT-RTX 1.7 engines with b"vtrt" (read from the engines this project builds).
+    engine_magic: bytes
 
     def manifest_key(self, precision: str) -> str:
         """The key of an engine in the manifest's ``engines``: the precision, tagged for RTX engines."""
@@ -52,17 +55,36 @@ TENSORRT = Runtime(
     install_hint=("install TensorRT's Python bindings (pip install -e '.[trt]' on a desktop GPU machine; on Jetson use "
                   "JetPack's python3-libnvinfer) and run on a machine with an NVIDIA GPU"),
     engine_suffix=".engine", builds_without_gpu=False, always_strongly_typed=False, timing_cache=True,
-    supports_plugins=True)
+    supports_plugins=True, engine_magic=b"ftrt")
 TENSORRT_RTX = Runtime(
     key="rtx", module="tensorrt_rtx_bindings", name="TensorRT-RTX", version_key="tensorrt_rtx",
     install_hint="install TensorRT for RTX: pip install -e '.[rtx]' (no GPU needed to build engines)",
     engine_suffix=".rtx.engine", builds_without_gpu=True, always_strongly_typed=True, timing_cache=False,
-    supports_plugins=False)
+    supports_plugins=False, engine_magic=b"vtrt")
 RUNTIMES = {runtime.key: runtime for runtime in (TENSORRT, TENSORRT_RTX)}
 
 
 class RuntimeMissing(PipelineError):
     """A TensorRT runtime that is not installed here."""
+
+
+def engine_runtime(header: bytes) -> Runtime | None:
+    """Which runtime wrote a serialized engine, from its first bytes (None: neither's)."""
+    return next((chosen for chosen in RUNTIMES.values() if header.startswith(chosen.engine_magic)), None)
+
+
+def engine_mismatch(header: bytes, chosen: Runtime) -> str | None:
+    """Why ``chosen`` must not be given this engine: it was written by the other runtime (None: it may)."""
+    writer = engine_runtime(header)
+    if writer is None or writer is chosen:
+        return None
+    return (f"it is a {writer.name} engine, not a {chosen.name} one (run it with {writer.name}: "
+            f"python -m export.engine EXPORT_DIR --backend {writer.key} --no-build)")
+
+
+def runtime_named(name: str | None) -> Runtime:
+    """The runtime an engine's manifest entry names (entries written before TensorRT-RTX name none: TensorRT)."""
+    return next((chosen for chosen in RUNTIMES.values() if chosen.name == name), TENSORRT)
 
 
 def runtime(key: str) -> Runtime:

@@ -39,7 +39,8 @@ import numpy as np
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
 from export.on_target.environment import INSTALL_HINT, rtx_targets_gpu, tensorrt_major, tensorrt_unavailable_reason
-from export.on_target.runtimes import RTX_COMPUTE_CAPABILITIES, RTX_DEFAULT_TARGETS, TENSORRT, Runtime, require_bindings, runtime
+from export.on_target.runtimes import (RTX_COMPUTE_CAPABILITIES, RTX_DEFAULT_TARGETS, TENSORRT, Runtime, engine_mismatch,
+                                       require_bindings, runtime)
 
 __all__ = ["INSTALL_HINT", "EnginePlan", "TensorRTError", "TensorRTRunner", "build_engine", "parse_onnx", "plan_engine",
            "portability_problem", "tensorrt_unavailable_reason", "timing_cache_path", "trtexec_commands"]
@@ -90,6 +91,22 @@ def minimum_version_problem(manifest: dict, tensorrt_version: str) -> str | None
     if minimum is None or version_tuple(tensorrt_version) >= version_tuple(minimum):
         return None
     return f"the {flavour} graphs need TensorRT {minimum} or newer, this is {tensorrt_version}"
+
+
+def flavour_refusal(manifest: dict, chosen: Runtime, has_plugin_nodes: bool = False) -> str | None:
+    """Why ``chosen`` cannot take the export's graph flavour (None: it can), decided before any parser runs.
+
+    A method records the runtimes that refuse a flavour in ``manifest["method"]["runtime_refusals"]``
+    ({flavour: {runtime key: reason}}); a graph with plugin nodes is refused by a runtime without plugin support
+    whatever the manifest says (TensorRT-RTX's parser would abort the whole process on it).
+    """
+    flavour = manifest.get("gather", "native")
+    reason = ((manifest.get("method") or {}).get("runtime_refusals") or {}).get(flavour, {}).get(chosen.key)
+    if reason is None and has_plugin_nodes and not chosen.supports_plugins:
+        reason = f"{chosen.name} has no plugin layer and its ONNX parser aborts on a TokenGather node"
+    if reason is None:
+        return None
+    return f"{chosen.name} cannot build the {flavour} flavour: {reason}"
 
 
 def plan_engine(version: str, precision: str, gather: str = "native", default_flavour: str = "native",
@@ -228,7 +245,9 @@ def _logger(bindings):
         def log(self, severity, message):
             if severity <= bindings.ILogger.Severity.ERROR:
                 self.errors.append(str(message))
-            if severity <= bindings.ILogger.Severity.WARNING:
+            # The parser warns for every int64 output that its binding must be int64: the runner allocates each
+            # output with the engine's own type, so that warning is always satisfied here and only hides others.
+            if severity <= bindings.ILogger.Severity.WARNING and "Int64 binding" not in str(message):
                 print(f"[{bindings.__name__}] {severity.name}: {message}", file=sys.stderr)
 
     return RecordingLogger()
@@ -368,13 +387,17 @@ class TensorRTRunner:
     """
 
     def __init__(self, engine_path: Path, output_names: Sequence[str] | None = None, chosen: Runtime = TENSORRT):
+        data = Path(engine_path).read_bytes()
+        mismatch = engine_mismatch(data[:16], chosen)
+        if mismatch:  # refused before the runtime sees it: its own error is a deserialization failure
+            raise TensorRTError(f"refusing {engine_path}: {mismatch}")
         from polygraphy import cuda  # loads libcudart; independent of which runtime runs the engine
 
         trt = require_bindings(chosen)
         self.trt, self.cuda = trt, cuda
         self.logger = _logger(trt)  # held for the runtime's lifetime: TensorRT keeps only a pointer to it
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise TensorRTError(f"{chosen.name} could not load {engine_path} (built by another runtime or version, "
                                 "for another GPU, or without the plugin library loaded)")
