@@ -12,15 +12,12 @@ Python code (the keep-ratio sweep, tests, a notebook). One run:
 3. for each graph (float32 native, plugin flavour, float16, INT8): the method's deploy copy -> ONNX -> its
    debug twin validated on ONNX Runtime against float32 PyTorch -> the shipped graph checked against the twin;
 4. golden data (validation inputs + PyTorch outputs) for re-checking on the target; an engine where TensorRT is;
-5. everything is written into a staging folder beside ``out`` and published only when all of it passed.
+5. everything is written into a staging folder beside ``out`` and swapped in, in one rename, only when all of it
+   passed; the whole run holds ``out``'s lock, so a second writer is refused (``compress.plumbing.folder_transaction``).
 """
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,10 +31,11 @@ from calibration.int8 import quantize_for_export, transplant_qdq
 from compress.data.images import check_image_sources
 from compress.plumbing.cli import package_version
 from compress.plumbing.errors import PipelineError
-from compress.plumbing.files import current_umask
+from compress.plumbing.folder_transaction import folder_transaction
 from export.errors import ExportError, ValidationFailed
 from export.methods import DEFAULT_METHOD, ExportContract, MethodOptions
 from export.onnx_export import MIN_OPSET
+from export.publishing import EXPORT_OWNER, MANIFEST_NAME, carry_over_user_files, previous_manifest
 from export.subject import VALIDATION_SEED, ExportSubject
 from export.on_target.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
 from export.on_target.engine import build_and_check, with_engines
@@ -47,13 +45,10 @@ from export.on_target.tensorrt_engine import write_trtexec
 from export.on_target.tensorrt_support import check_graphs, manifest_entry, support_table, target_tables
 from export.validate import shipped_vs_debug, validate_graph
 
-log = logging.getLogger(__name__)
 
 MANIFEST_SCHEMA = 2
-MANIFEST_NAME = "manifest.json"
 VALIDATION_IMAGES = 64  # real images drawn from --val-data (or the calibration data) for the agreement gate
 BACKENDS = ("auto", "trt", "ort")
-OWNER_FILE = ".owner"  # inside a staging folder: the pid of the export that writes it
 
 
 @dataclass(frozen=True)
@@ -196,84 +191,6 @@ def check_graph(graph: onnx.ModelProto, debug: onnx.ModelProto, reference: Calla
     return result
 
 
-# --- the staging folder -----------------------------------------------------------------------------------------
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Staging folders beside ``out`` left by an export that was killed (its owner process is gone)."""
-    removed = []
-    for candidate in out.parent.glob(f".{out.name}.*.tmp"):
-        owner = candidate / OWNER_FILE
-        try:
-            pid = int(owner.read_text())
-        except (OSError, ValueError):
-            pid = None
-        if candidate.is_dir() and (pid is None or not process_alive(pid)):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
-
-
-def previous_manifest(out: Path) -> dict | None:
-    """The manifest of an earlier export in ``out``; refuse a folder with other content and no manifest."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return None
-    try:
-        return json.loads((out / MANIFEST_NAME).read_text())
-    except FileNotFoundError:
-        raise ExportError(f"--out {out} is a folder with other content and no {MANIFEST_NAME}: choose a new or empty "
-                          "folder, or a previous export folder to update") from None
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"--out {out}: its {MANIFEST_NAME} is unreadable ({exc}); move it away first") from None
-
-
-def open_staging(out: Path) -> Path:
-    """A fresh staging folder beside ``out`` (stale ones of killed runs removed); one clear error when unwritable."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_staging(out):
-            log.warning("note: removed %s, left by an export that was killed", stale.name)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        (staging / OWNER_FILE).write_text(str(os.getpid()))
-        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; published, it reads like any other
-        return staging
-    except OSError as exc:
-        raise ExportError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-
-
-def publish(staging: Path, out: Path, previous: dict | None) -> list[str]:
-    """Move the staged files into ``out``; of a previous export, replace only what its manifest listed.
-
-    Returns the names of files in ``out`` that this tool did not write and left alone. A new ``out`` is one rename.
-    """
-    (staging / OWNER_FILE).unlink(missing_ok=True)
-    if previous is None:
-        if out.is_dir():
-            out.rmdir()  # empty (checked by previous_manifest)
-        os.replace(staging, out)
-        return []
-    new_files = {p.name for p in staging.iterdir()}
-    ours = {a["path"] for a in previous.get("artifacts", []) if isinstance(a, dict) and "path" in a}
-    for name in sorted(ours - new_files):
-        (out / name).unlink(missing_ok=True)
-    for name in sorted(new_files - {MANIFEST_NAME}) + [MANIFEST_NAME]:
-        os.replace(staging / name, out / name)  # the manifest last: it lists only what is in place
-    shutil.rmtree(staging, ignore_errors=True)
-    return sorted(p.name for p in out.iterdir() if p.name not in new_files)
-
-
 # --- the export ----------------------------------------------------------------------------------------------------
 
 
@@ -405,13 +322,13 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
     progress("loading the model")
     subject, method, tocom = request.method.prepare(request)
     out = Path(request.out) if request.out is not None else default_out(request, subject.label, method)
-    previous = previous_manifest(out)
-    inputs, input_sources = validation_inputs(subject, request)
-    calibration_images, calibration_info = (None, None)
-    if request.int8:
-        calibration_images, calibration_info = load_calibration_data(request.calib_data, subject.model, subject.metadata)
-    staging = open_staging(out)
-    try:
+    with folder_transaction(out, owner=EXPORT_OWNER) as staging:  # one writer; old or new folder, never a mix
+        previous = previous_manifest(out)
+        inputs, input_sources = validation_inputs(subject, request)
+        calibration_images, calibration_info = (None, None)
+        if request.int8:
+            calibration_images, calibration_info = load_calibration_data(request.calib_data, subject.model,
+                                                                         subject.metadata)
         graphs = export_graphs(method, subject.model, request, inputs, calibration_images, calibration_info, progress)
         artifacts = [entry for g in graphs for entry in write_graph(g, staging)]
         artifacts.append(golden_entry(staging, inputs, method.reference(subject.model)))
@@ -421,9 +338,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
         manifest = engine_step(request, staging, manifest, progress)
         manifest.build_seconds = round(time.perf_counter() - started, 2)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-        untouched = publish(staging, out, previous)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        untouched = carry_over_user_files(out, staging, previous)
     return ExportResult(out, manifest, untouched, method.degree_text(subject.model), method.decisions)
 
 
