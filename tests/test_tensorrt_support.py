@@ -21,8 +21,8 @@ from onnx import TensorProto, defs, helper, numpy_helper
 
 import trt_plugins
 from conftest import torch_free_env
-from export.on_target.tensorrt_support import (BOTH_TABLES, RULE_CHECKS, SUPPORT_TABLES, SupportDataError, support_data,
-                                               support_table, target_tables, tensorrt_support)
+from export.on_target.tensorrt_support import (BOTH_TABLES, GRAPH_RULE_CHECKS, RULE_CHECKS, SUPPORT_TABLES, SupportDataError,
+                                               rule_source, support_data, support_table, target_tables, tensorrt_support)
 
 REPO = Path(__file__).resolve().parents[1]
 FLOAT, HALF, INT64 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64
@@ -268,14 +268,23 @@ def test_every_row_and_rule_is_well_formed_and_names_its_source():
             assert isinstance(row["supported"], bool), name
             assert all(token in data["type_tokens"] for token in row.get("types", [])), (name, row)
         for rule in entry.get("rules", []):
-            assert rule["kind"] in RULE_CHECKS and rule["source"] in data["sources"], (name, rule)
-            assert set(rule["versions"]) <= set(SUPPORT_TABLES) and rule["reason"], (name, rule)
+            assert rule["kind"] in RULE_CHECKS, (name, rule)
+            assert_cites_its_sources(rule, data)
+    for rule in data["graph_rules"]:
+        assert rule["kind"] in GRAPH_RULE_CHECKS, rule
+        assert_cites_its_sources(rule, data)
     operators = data["operators"]  # a few rows checked against the matrices as published
     assert operators["TopK"]["10.3"]["restrictions"] == "`sorted` must be 1. `K` input must be less than 3840."
     assert not operators["Swish"]["10.3"]["supported"] and operators["Swish"]["11"]["supported"]
     assert "restrictions" not in operators["Slice"]["10.3"]  # tensor axes arrived in 10.3 GA
     assert operators["Pad"]["10.3"]["restrictions"] == "`axes` must be an initializer" and "restrictions" not in operators["Pad"]["11"]
     assert operators["Pow"]["11"]["types"][-2:] == ["INT32", "INT64"] and "INT32" not in operators["Pow"]["10.3"]["types"]
+
+
+def assert_cites_its_sources(rule: dict, data: dict) -> None:
+    """A rule names the tables it holds for, a reason, and for each table a source the data describes."""
+    assert set(rule["versions"]) <= set(SUPPORT_TABLES) and rule["reason"], rule
+    assert all(rule_source(rule, table) in data["sources"] for table in rule["versions"]), rule
 
 
 # ----------------------------------------------------------------------------- every graph the tool exports

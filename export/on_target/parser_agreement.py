@@ -274,26 +274,35 @@ def confusion(checked: dict[str, dict[str, list[Problem]]], parsed: dict[str, di
             "false_accepts_build": cells["supported"]["build refused"], "false_refusals": cells["refused"]["builds"]}
 
 
-PARSER_OPERATOR = re.compile(r"operator: ([A-Za-z0-9_]+)")
+PARSER_OPERATOR = re.compile(r"operator: ([A-Za-z0-9_]+)|import([A-Z][A-Za-z0-9_]+)")
+
+
+def blamed_operator(error: str, operators: list[str], flagged: list[str]) -> str:
+    """The operator a parser refusal is about: the one its message names, else one that a support table refuses in
+    this graph (the measured table knows this parser), else the graph's first."""
+    named = PARSER_OPERATOR.search(error)
+    if named:
+        return named.group(1) or named.group(2)
+    return next((op for op in flagged if op in operators), (operators or ["?"])[0])
 
 
 def disagreements(checked: dict[str, dict[str, list[Problem]]], parsed: dict[str, dict], operators: dict[str, list[str]],
                   table: str) -> list[Disagreement]:
     """Every graph where the check's verdict on ``table`` and the parser's outcome differ, with the operator it is
-    about (the check's first problem's, the one the parser names, or the graph's first operator)."""
+    about (the check's first problem's for a false refusal, ``blamed_operator`` for a false accept)."""
     found = []
     for graph, per_table in checked.items():
         outcome, problems = parser_outcome(parsed[graph]), per_table[table]
-        main_op = (operators.get(graph) or ["?"])[0]
         if problems and outcome == "builds":
             first = problems[0]
             found.append(Disagreement(graph, table, "false refusal", first.op or "(graph)", first.reason))
         elif not problems and outcome in REFUSED:
             error = parsed[graph].get("parse_error") or parsed[graph].get("build_error") or parsed[graph].get("abort") or ""
-            named = PARSER_OPERATOR.search(error)
+            flagged = [p.op for found_ in per_table.values() for p in found_ if p.op]
             kind = {"parse refused": "false accept (parse)", "build refused": "false accept (build)",
                     "parser aborted": "false accept (aborted)"}[outcome]
-            found.append(Disagreement(graph, table, kind, named.group(1) if named else main_op, error))
+            found.append(Disagreement(graph, table, kind, blamed_operator(error, operators.get(graph, []), flagged),
+                                      error))
     return found
 
 

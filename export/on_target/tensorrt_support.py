@@ -348,14 +348,24 @@ def _graph_problems(model: onnx.ModelProto, facts: GraphFacts, table: str) -> li
         if not low <= opset <= high:
             problems.append(Problem(table, "", "", f"opset {opset} is outside the opset range {low}-{high} that "
                                     f"{version['title']} documents", version["sources"][0]))
-    io_types = _accepted(support_data()["network_io_types"])
+    io_types = _accepted(version.get("network_io_types", support_data()["network_io_types"]))
     for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
         for value in values:
             elem = facts.types.get(value.name)
             if elem and elem not in io_types:
                 problems.append(Problem(table, "", "", f"network {kind} {value.name!r} is {type_name(elem)}, not a "
                                         "TensorRT network input/output type", version["sources"][0]))
+    for rule in support_data()["graph_rules"]:
+        if table in rule["versions"]:
+            problems += [Problem(table, node, op, f"{rule['reason']} ({detail})", rule_source(rule, table))
+                         for node, op, detail in GRAPH_RULE_CHECKS[rule["kind"]](rule, model, facts)]
     return problems
+
+
+def rule_source(rule: dict, table: str) -> str:
+    """The id of the source a rule cites for ``table``: one source for all its tables, or one per table."""
+    source = rule["source"]
+    return source if isinstance(source, str) else source[table]
 
 
 def _node_problems(node: onnx.NodeProto, facts: GraphFacts, table: str) -> list[Problem]:
@@ -392,7 +402,7 @@ def _node_problems(node: onnx.NodeProto, facts: GraphFacts, table: str) -> list[
             continue
         for detail in RULE_CHECKS[rule["kind"]](rule, node, facts, row):
             problems.append(Problem(table, name, node.op_type, f"{rule['reason']} ({detail})" if detail else rule["reason"],
-                                    rule["source"]))
+                                    rule_source(rule, table)))
     return problems
 
 
@@ -593,6 +603,84 @@ def _constant_false_input(rule, node, facts, row):
     return [f"{rule['name']} is true"] if value is not None and bool(np.any(value)) else []
 
 
+def _axes_iota_or_initializer(rule, node, facts, row):
+    """Resize: an ``axes`` attribute that is not 0..rank-1 needs ``scales`` as weights (the parser cannot interlace
+    a scales tensor into the input's rank)."""
+    axes, rank = _attribute(node, rule["attribute"]), facts.rank(node.input[0]) if node.input else None
+    name = _input(node, rule["input"])
+    if not axes or rank is None or name is None or name in facts.initializer_like:
+        return []
+    if [a + rank if a < 0 else a for a in axes] == list(range(rank)):
+        return []
+    return [f"axes {list(axes)} of a rank-{rank} input with {rule['name']} {name!r} computed in the graph"]
+
+
+def _scales_leading_ones(rule, node, facts, row):
+    """Resize with constant scales: a mode resizes at most its innermost ``dims`` dimensions."""
+    dims = rule["innermost"].get(_attribute(node, "mode", "nearest"))
+    scales = facts.values.get(_input(node, rule["input"]) or "")
+    if dims is None or scales is None or scales.size <= dims:
+        return []
+    leading = [float(v) for v in scales.reshape(-1)[:-dims]]
+    return [] if all(v == 1.0 for v in leading) else [f"scales {[float(v) for v in scales.reshape(-1)]}"]
+
+
+def _split_last_chunk(rule, node, facts, row):
+    """Split into equal parts (no split sizes): ceil(d / n) per part must leave a last part >= 0."""
+    if _input(node, 1) or _attribute(node, "split") is not None:
+        return []
+    shape = facts.shapes.get(node.input[0]) if node.input else None
+    parts = _attribute(node, "num_outputs", len(node.output))
+    if not shape or not parts:
+        return []
+    axis = _attribute(node, "axis", 0)
+    length = shape[axis] if -len(shape) <= axis < len(shape) else None
+    if length is None:
+        return []
+    chunk = -(-length // parts)
+    last = length - chunk * (parts - 1)
+    return [] if last >= 0 else [f"{parts} parts of a dimension of {length}: chunks of {chunk} leave {last}"]
+
+
+def _vector_times_batch(rule, node, facts, row):
+    first, second = facts.rank(_input(node, 0) or ""), facts.rank(_input(node, 1) or "")
+    if first == 1 and second is not None and second >= 3:
+        return [f"a 1-D input times a rank-{second} input"]
+    return []
+
+
+def _same_shapes(rule, node, facts, row):
+    shapes = [facts.shapes.get(_input(node, i) or "") for i in rule["inputs"]]
+    if any(shape is None for shape in shapes) or len({len(shape) for shape in shapes}) > 1:
+        return []
+    differing = [axis for axis, dims in enumerate(zip(*shapes))
+                 if None not in dims and len(set(dims)) > 1]
+    return [f"shapes {' and '.join(str(list(shape)) for shape in shapes)}"] if differing else []
+
+
+def _branch_ranks_equal(rule, node, facts, row):
+    """If: with a condition known only at run time, each output must have the same rank in both branches."""
+    if node.input and node.input[0] in facts.constant:
+        return []
+    branches = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+    then_graph, else_graph = branches.get("then_branch"), branches.get("else_branch")
+    if then_graph is None or else_graph is None:
+        return []
+    problems = []
+    for index, (left, right) in enumerate(zip(then_graph.output, else_graph.output)):
+        ranks = [_declared_rank(left, facts), _declared_rank(right, facts)]
+        if None not in ranks and ranks[0] != ranks[1]:
+            problems.append(f"output {index} has rank {ranks[0]} in then_branch and {ranks[1]} in else_branch")
+    return problems
+
+
+def _declared_rank(value: onnx.ValueInfoProto, facts: GraphFacts) -> int | None:
+    if facts.rank(value.name) is not None:
+        return facts.rank(value.name)
+    tensor = value.type.tensor_type
+    return len(tensor.shape.dim) if value.type.HasField("tensor_type") and tensor.HasField("shape") else None
+
+
 RULE_CHECKS = {
     "constant_input": _constant_input, "value_at_most": _value_at_most, "attribute_in": _attribute_in,
     "attribute_absent": _attribute_absent, "attribute_all_ones": _attribute_all_ones,
@@ -601,7 +689,60 @@ RULE_CHECKS = {
     "not_input_types": _not_input_types, "input_types": _input_types, "quantization_scale": _quantization_scale,
     "same_types": _same_types, "rank_in": _rank_in, "spatial_rank_in": _spatial_rank_in, "static_dims": _static_dims,
     "static_axis_dim": _static_axis_dim, "constant_false_input": _constant_false_input,
+    "axes_iota_or_initializer": _axes_iota_or_initializer, "scales_leading_ones": _scales_leading_ones,
+    "split_last_chunk": _split_last_chunk, "vector_times_batch": _vector_times_batch, "same_shapes": _same_shapes,
+    "branch_ranks_equal": _branch_ranks_equal,
 }
+
+
+# ----------------------------------------------------------------------------- the rules over the whole graph
+
+
+def _tensor_io(rule, model, facts):
+    """Graph inputs and outputs must be tensors: the parser has no network input of sequence, map or optional type."""
+    found = []
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            held = value.type.WhichOneof("value")
+            if held not in (None, "tensor_type"):
+                found.append(("", "", f"network {kind} {value.name!r} is a {held.removesuffix('_type')}"))
+    return found
+
+
+def _float_shape_inputs(rule, model, facts):
+    """Float network inputs whose values reach a shape-tensor input (Range's bounds, Resize's scales, ...): a
+    network input that is a shape tensor must be INT32 or INT64. Followed back through the nodes that compute
+    shape values; a Shape or Size only reads dimensions, so the search stops there."""
+    shape_inputs, carriers = rule["shape_inputs"], set(rule["value_carriers"])
+    producers = {output: node for graph in iter_graphs(model.graph) for node in graph.node for output in node.output}
+    floats = {v.name for v in model.graph.input
+              if facts.types.get(v.name) in _accepted(rule["float_types"]) and v.name not in facts.constant}
+    found = []
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            for index in shape_inputs.get(node.op_type, []):
+                reached = _graph_inputs_behind(_input(node, index), producers, carriers, floats)
+                found += [(node.name or node.output[0], node.op_type, f"input {index} comes from the float network "
+                           f"input {name!r}") for name in sorted(reached)]
+    return found
+
+
+def _graph_inputs_behind(start: str | None, producers: dict, carriers: set, wanted: set) -> set[str]:
+    seen, stack, found = set(), [start] if start else [], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in wanted:
+            found.add(name)
+        producer = producers.get(name)
+        if producer is not None and producer.op_type in carriers:
+            stack.extend(n for n in producer.input if n)
+    return found
+
+
+GRAPH_RULE_CHECKS = {"tensor_io": _tensor_io, "float_shape_inputs": _float_shape_inputs}
 
 
 # ----------------------------------------------------------------------------- plugin nodes
