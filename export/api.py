@@ -38,17 +38,18 @@ from export.onnx_export import MIN_OPSET
 from export.publishing import EXPORT_OWNER, MANIFEST_NAME, carry_over_user_files, previous_manifest
 from export.subject import VALIDATION_SEED, ExportSubject
 from export.on_target.compare import (FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS, REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison)
-from export.on_target.engine import build_and_check, with_engines
-from export.on_target.environment import INSTALL_HINT, tensorrt_unavailable_reason, target_facts, tool_versions
+from export.on_target.engine import build_and_check, has_token_gather, with_engines
+from export.on_target.environment import build_unavailable_reason, target_facts, tool_versions
 from export.on_target.golden import debug_file_name, debug_role, sha256_of, write_golden
-from export.on_target.tensorrt_engine import write_trtexec
+from export.on_target.runtimes import RTX_DEFAULT_TARGETS, RUNTIMES, TENSORRT, TENSORRT_RTX, Runtime, runtime_version
+from export.on_target.tensorrt_engine import probe_graph, write_trtexec
 from export.on_target.tensorrt_support import check_graphs, manifest_entry, support_table, target_tables
 from export.validate import shipped_vs_debug, validate_graph
 
 
 MANIFEST_SCHEMA = 2
 VALIDATION_IMAGES = 64  # real images drawn from --val-data (or the calibration data) for the agreement gate
-BACKENDS = ("auto", "trt", "ort")
+BACKENDS = ("auto", *RUNTIMES, "ort")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class ExportRequest:
     out: Path | None = None
     # TensorRT versions the graphs must parse on ("10.3", "11" or "both"); export.build adds the installed one.
     tensorrt_versions: str = "both"
+    # The GPUs TensorRT-RTX engines target (compute capabilities; the runtime's default set unless asked).
+    compute_capabilities: tuple[str, ...] = RTX_DEFAULT_TARGETS
 
     @property
     def batch_profile(self) -> tuple[int, int, int]:
@@ -109,10 +112,42 @@ class ExportRequest:
         check_image_sources({"--calib-data": self.calib_data, "--val-data": self.val_data})
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise ExportError(f"checkpoint not found: {self.checkpoint}")
-        reason = tensorrt_unavailable_reason() if self.backend != "ort" else "--backend ort"
-        if reason and self.backend == "trt":
-            raise ExportError(f"--backend trt: {reason}; {INSTALL_HINT}")
-        self.method.check(self, engines_here=reason is None)
+        if self.compute_capabilities != RTX_DEFAULT_TARGETS and self.backend not in ("rtx", "auto"):
+            raise ExportError("--compute-capabilities chooses the GPUs of TensorRT-RTX engines: it needs --backend rtx")
+        if self.backend in RUNTIMES:
+            chosen = RUNTIMES[self.backend]
+            reason = build_unavailable_reason(chosen) or runtime_refusal(self.method, chosen)
+            if reason:
+                raise ExportError(f"--backend {self.backend}: {reason}; "
+                                  f"{'nothing was written' if self.backend == 'rtx' else chosen.install_hint}")
+        chosen, _ = engine_runtime(self)
+        self.method.check(self, engines_here=chosen is TENSORRT)
+
+
+def runtime_refusal(method: MethodOptions, chosen: Runtime) -> str | None:
+    """Why ``chosen`` cannot build the method's graph flavour (None: it can). A method names the runtimes that
+    refuse a flavour in ``runtime_refusals``; a method that names none refuses none."""
+    reason = getattr(method, "runtime_refusals", {}).get(method.flavour, {}).get(chosen.key)
+    return f"{chosen.name} cannot build the {method.flavour} flavour: {reason}" if reason else None
+
+
+def engine_runtime(request: ExportRequest) -> tuple[Runtime | None, str | None]:
+    """(the runtime that builds this export's engines, None) or (None, why no engine is built).
+
+    ``auto``: TensorRT where it and a GPU are present; else TensorRT-RTX where it is installed and can build the
+    graph flavour (its engines are built on the CPU and checked where an RTX-class GPU is); else no engine.
+    """
+    if request.backend == "ort":
+        return None, "--backend ort"
+    if request.backend in RUNTIMES:
+        return RUNTIMES[request.backend], None
+    reasons = []
+    for chosen in (TENSORRT, TENSORRT_RTX):
+        reason = build_unavailable_reason(chosen) or runtime_refusal(request.method, chosen)
+        if reason is None:
+            return chosen, None
+        reasons.append(reason)
+    return None, "; ".join(reasons)
 
 
 # --- validation inputs ------------------------------------------------------------------------------------------
@@ -224,6 +259,7 @@ class Manifest:
     engine: dict = field(default_factory=dict)
     engines: dict = field(default_factory=dict)
     tensorrt_support: dict = field(default_factory=dict)  # export.on_target.tensorrt_support's verdict per TensorRT version
+    real_parser: dict = field(default_factory=dict)  # TensorRT-RTX's parser and CPU build per graph, where installed
     target: dict | None = None
     build_seconds: float | None = None
     schema_version: int = MANIFEST_SCHEMA
@@ -335,6 +371,7 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
         manifest = build_manifest(request, subject, method, tocom, graphs, artifacts, input_sources)
         manifest.artifacts.append(write_trtexec(staging, manifest.to_dict()))
         manifest = tensorrt_support_step(request, staging, manifest, progress)
+        manifest = real_parser_step(request, staging, manifest, progress)
         manifest = engine_step(request, staging, manifest, progress)
         manifest.build_seconds = round(time.perf_counter() - started, 2)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
@@ -348,8 +385,9 @@ def tensorrt_support_step(request: ExportRequest, staging: Path, manifest: Manif
     reason; one on another version only is recorded (and the summary warns). Targets: ``tensorrt_versions``, plus
     the installed TensorRT when engines are built here."""
     targets = list(target_tables(request.tensorrt_versions))
-    if request.backend != "ort" and tensorrt_unavailable_reason() is None:
-        targets = list(dict.fromkeys([*targets, support_table(target_facts()["tensorrt"])]))
+    chosen, _ = engine_runtime(request)
+    if chosen is not None:  # the runtime that builds engines here is a target too
+        targets = list(dict.fromkeys([*targets, support_table(runtime_version(chosen))]))
     progress(f"checking every graph against the ONNX parser support of TensorRT (targets: {', '.join(targets)})")
     results = check_graphs([staging / a["path"] for a in manifest.artifacts if a["role"].startswith("onnx")])
     refused = [(graph, table, problem) for graph, per in results.items() for table, problems in per.items()
@@ -361,20 +399,45 @@ def tensorrt_support_step(request: ExportRequest, staging: Path, manifest: Manif
     return replace(manifest, tensorrt_support=manifest_entry(results, targets))
 
 
+def real_parser_step(request: ExportRequest, staging: Path, manifest: Manifest, progress: Progress) -> Manifest:
+    """Where TensorRT-RTX is installed, whatever the target: every graph through its real ONNX parser and its
+    CPU-only builder (in memory), the verdict per graph in the manifest beside the table check. Graphs with
+    TokenGather nodes are not handed to it (its parser aborts the process on them): they are recorded as refused."""
+    version = runtime_version(TENSORRT_RTX)
+    if version is None:
+        return replace(manifest, real_parser={"runtime": TENSORRT_RTX.name, "ran": False,
+                                              "reason": f"{TENSORRT_RTX.name} is not installed"})
+    graphs = [a["path"] for a in manifest.artifacts if a["role"].startswith("onnx")]
+    progress(f"parsing and building every graph with {TENSORRT_RTX.name} {version} on the CPU ({len(graphs)} graphs)")
+    dynamic_batch = tuple(manifest.batch[k] for k in ("min", "opt", "max"))
+    verdicts = {}
+    for graph in graphs:
+        if has_token_gather(staging / graph):
+            verdicts[graph] = {"parsed": False, "built": False, "parse_error": "not parsed: a TokenGather node aborts "
+                               f"the {TENSORRT_RTX.name} parser (no plugin layer)"}
+        else:
+            verdicts[graph] = probe_graph(TENSORRT_RTX, staging / graph, {}, dynamic_dims=dynamic_batch)
+    return replace(manifest, real_parser={"runtime": TENSORRT_RTX.name, "version": version, "ran": True,
+                                          "all_built": all(v["built"] for v in verdicts.values()), "graphs": verdicts})
+
+
 def engine_step(request: ExportRequest, staging: Path, manifest: Manifest, progress: Progress) -> Manifest:
-    """TensorRT engines where TensorRT and a GPU are present: the target-side stage's own code, on the staging
-    folder (built, checked against the golden data, timed); an engine that disagrees fails the export."""
-    reason = tensorrt_unavailable_reason() if request.backend != "ort" else "--backend ort"
-    if reason is not None:
-        progress(f"no TensorRT engine built: {reason} (ONNX Runtime artefacts only)")
+    """Engines where a runtime can build them (``engine_runtime``): the target-side stage's own code, on the staging
+    folder (built; checked against the golden data and timed where they can run); an engine that disagrees fails
+    the export."""
+    chosen, reason = engine_runtime(request)
+    if chosen is None:
+        progress(f"no engine built: {reason} (ONNX Runtime artefacts only)")
         return replace(manifest, engine={"built": False, "reason": reason})
-    progress("building, checking and timing the TensorRT engines")
-    engines = build_and_check(staging, manifest.to_dict())
-    failed = [precision for precision, facts in engines.items() if not facts["passed"]]
+    progress(f"building the {chosen.name} engines (checked and timed where they can run)")
+    engines = build_and_check(staging, manifest.to_dict(), chosen=chosen,
+                              compute_capabilities=request.compute_capabilities)
+    failed = [key for key, facts in engines.items() if facts["passed"] is False]
     if failed:
-        raise ValidationFailed(f"the {', '.join(failed)} TensorRT engine disagreed with the golden data (figures: "
+        raise ValidationFailed(f"the {', '.join(failed)} {chosen.name} engine disagreed with the golden data (figures: "
                                f"python -m export.engine on the ONNX artefacts); nothing was written")
-    return replace(Manifest.from_dict(with_engines(manifest.to_dict(), engines, target_facts())), engine={"built": True})
+    return replace(Manifest.from_dict(with_engines(manifest.to_dict(), engines, target_facts())),
+                   engine={"built": True, "runtime": chosen.name})
 
 
 def tokens_entry(description: dict, patches: int) -> dict:

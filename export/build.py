@@ -19,6 +19,7 @@ from export.methods import DynamicViTOptions, MethodOptions
 from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
 from export.on_target.compare import RANDOM_INPUTS
+from export.on_target.runtimes import RTX_DEFAULT_TARGETS, parse_compute_capabilities, runtime_named
 from export.on_target.tensorrt_support import SUPPORT_TABLES
 from export.tome_export import ToMeOptions
 
@@ -77,8 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="token selection in the graph: native TopK + GatherND, or the TokenGather "
                              "TensorRT plugin")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="auto: a TensorRT engine where TensorRT and a GPU are present, else ONNX Runtime "
-                             "artefacts only; trt: require an engine; ort: ONNX only")
+                        help="engines to build: trt, TensorRT engines (needs TensorRT and the GPU they run on); rtx, "
+                             "TensorRT-RTX engines (built on any machine, GPU or not; checked and timed where an RTX-"
+                             "class GPU they target is present; not the plugin or ToMe scatter flavour); ort, none "
+                             "(ONNX only); auto: trt where TensorRT and a GPU are present, else rtx where TensorRT-RTX "
+                             "is installed and takes the flavour, else none")
+    parser.add_argument("--compute-capabilities", type=parse_compute_capabilities, default=RTX_DEFAULT_TARGETS,
+                        metavar="LIST",
+                        help="the GPUs TensorRT-RTX engines target: 'default' (8.0, 8.6, 8.9, 12.0 and later) or a "
+                             "comma list of 7.5, 8.0, 8.6, 8.9, 12.0, 12.1")
     parser.add_argument("--trt-version", choices=(*SUPPORT_TABLES, "both"), default="both",
                         help="TensorRT version(s) every graph must parse on, checked from the graph alone before "
                              "publishing (10.3: every 10.x, JetPack 6; 11: every 11.x); a problem on another version "
@@ -117,6 +125,7 @@ def request_from_args(args: argparse.Namespace) -> ExportRequest:
         tocom_scale=args.tocom_scale, fp16=args.fp16, int8=args.int8, calib_data=args.calib_data,
         val_data=args.val_data, batch_size=args.batch_size, dynamic_batch=args.dynamic_batch, opset=args.opset,
         backend=args.backend, out=args.out, tensorrt_versions=args.trt_version,
+        compute_capabilities=args.compute_capabilities,
     )
 
 
@@ -156,6 +165,34 @@ def tensorrt_support_lines(manifest: dict, out: Path) -> list[str]:
     return lines
 
 
+def real_parser_lines(manifest: dict) -> list[str]:
+    """TensorRT-RTX's own parser and builder on every graph, and where they disagree with the table check."""
+    real = manifest.get("real_parser") or {}
+    if not real.get("ran"):
+        return []
+    graphs = real["graphs"]
+    built = [graph for graph, verdict in graphs.items() if verdict["built"]]
+    lines = [f"  {real['runtime']} {real['version']} parser and CPU build: {len(built)} of {len(graphs)} graphs built"]
+    for graph, verdict in graphs.items():
+        if not verdict["built"]:
+            lines.append(f"  note: {graph} not built by {real['runtime']}: "
+                         f"{verdict.get('parse_error') or verdict.get('build_error')}")
+    return lines
+
+
+def engine_lines(manifest: dict) -> list[str]:
+    engine = manifest.get("engine") or {}
+    if engine.get("built") is False:
+        return [f"  no engine: {engine['reason']}"]
+    lines = []
+    for key, facts in (manifest.get("engines") or {}).items():
+        verdict = ("agrees with the golden data" if facts["passed"] else
+                   f"not checked here ({facts.get('unchecked')})")
+        lines.append(f"  engine {facts['path']}: {facts['runtime']} {facts.get(runtime_named(facts['runtime']).version_key)}, "
+                     f"{facts['bytes'] / 1e6:.1f} MB, built in {facts['build_seconds']:.1f} s, {verdict}")
+    return lines
+
+
 def summary_lines(result: ExportResult) -> list[str]:
     """The summary a user reads: what was exported, a row per graph and input set, a verdict, the next command."""
     manifest, out = result.manifest.to_dict(), result.out
@@ -180,9 +217,8 @@ def summary_lines(result: ExportResult) -> list[str]:
         lines.append("  note: only random images were seen: reduced-precision graphs were checked for finite "
                      "logits only (pass --val-data with real images to judge their top-1 agreement)")
     lines += tensorrt_support_lines(manifest, out)
-    engine = manifest.get("engine") or {}
-    if engine.get("built") is False:
-        lines.append(f"  no TensorRT engine: {engine['reason']}")
+    lines += real_parser_lines(manifest)
+    lines += engine_lines(manifest)
     for name in result.untouched:
         lines.append(f"  note: left {out / name} in place (not written by this tool)")
     graphs = len(manifest["validation"])
