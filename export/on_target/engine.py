@@ -18,7 +18,11 @@ Needs numpy, onnx, onnxruntime and (for trt) TensorRT's Python bindings and poly
 (--lint: onnx and numpy only).
 Exit codes: 0 every graph or engine agrees (--lint: every graph is supported); 1 one disagrees (it is reported
 and not published) or a graph would not parse on the TensorRT checked; 2 a user error (missing folder or manifest,
-changed or corrupt files, TensorRT or the plugin library missing).
+changed or corrupt files, TensorRT or the plugin library missing, another process writing the folder).
+
+Building or re-checking engines writes the folder as one transaction (compress.plumbing.folder_transaction): one
+writer at a time (a second one is refused), and a reader sees the old folder or the updated one, never a mix.
+--lint and --backend ort only read it.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import trt_plugins
 from compress.plumbing.cli import add_version_argument, bounded, parser_from_docstring
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
+from compress.plumbing.folder_transaction import folder_transaction
 from export.on_target.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS,
                                       REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison, Runner, compare, onnxruntime_session,
                                       run_batched, session_runner)
@@ -48,6 +53,7 @@ from export.on_target.tensorrt_support import (SUPPORT_TABLES, Problem, check_gr
                                                target_tables)
 
 EXIT_DISAGREES = 1
+ENGINE_OWNER = "python -m export.engine"  # in the folder's lock file: a refused writer names it
 # Graphs of folders written before artefact entries recorded their precision.
 ROLE_PRECISION = {"onnx": "fp32", "onnx_plugin": "fp32", "onnx_fp16": "fp16", "onnx_int8": "int8"}
 
@@ -94,7 +100,10 @@ def read_manifest(folder: Path) -> dict:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    """Replace manifest.json in one rename: a reader sees the old manifest or the new one, never half."""
+    """Replace manifest.json in one rename: a reader sees the old manifest or the new one, never half.
+
+    Never in place: a staging folder shares its files with the live folder by hard links (folder_transaction).
+    """
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write(Path(folder) / "manifest.json", lambda temporary: Path(temporary).write_text(text))
 
@@ -367,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(on any machine, GPU or not), and check and time them where an RTX-class GPU they target "
                              "is present; ort: check the ONNX graphs on ONNX Runtime (default: trt where TensorRT and a "
                              f"GPU are present, else ort; here: {default_backend})")
-    parser.add_argument("--compute-capabilities", type=parse_compute_capabilities, default=RTX_DEFAULT_TARGETS,
+    parser.add_argument("--compute-capabilities", type=parse_compute_capabilities, default="default",
                         metavar="LIST",
                         help="with rtx: the GPUs the engines target, 'default' (8.0, 8.6, 8.9, 12.0 and later) or a "
                              "comma list of 7.5, 8.0, 8.6, 8.9, 12.0, 12.1 (default: default)")
@@ -450,19 +459,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     chosen = RUNTIMES[args.backend]
-    if args.no_build:
-        engines = recheck_engines(folder, manifest, golden, args.warmup, args.iterations, chosen)
-    else:
-        try:
-            engines = build_and_check(folder, manifest, golden, args.warmup, args.iterations, args.timing_cache_dir,
-                                      lint=not args.no_lint, chosen=chosen,
-                                      compute_capabilities=args.compute_capabilities)
-        except UnsupportedGraph as exc:
-            print("\n".join(f"  {line}" for line in exc.lines))
-            print(f"FAILED: {exc}")
-            return EXIT_DISAGREES
-    here = target_facts()
-    write_manifest(folder, with_engines(manifest, engines, here))
+    try:
+        # Engines and manifest are written into a hard-linked copy of the folder, swapped in once all is written.
+        with folder_transaction(folder, owner=ENGINE_OWNER, from_current=True) as staging:
+            manifest = read_manifest(staging)  # as it is under the lock: another writer may have finished since
+            golden = load_golden(staging, manifest)
+            if args.no_build:
+                engines = recheck_engines(staging, manifest, golden, args.warmup, args.iterations, chosen)
+            else:
+                engines = build_and_check(staging, manifest, golden, args.warmup, args.iterations,
+                                          args.timing_cache_dir, lint=not args.no_lint, chosen=chosen,
+                                          compute_capabilities=args.compute_capabilities)
+            here = target_facts()
+            write_manifest(staging, with_engines(manifest, engines, here))
+    except UnsupportedGraph as exc:  # nothing built: the staging folder is dropped, the folder unchanged
+        print("\n".join(f"  {line}" for line in exc.lines))
+        print(f"FAILED: {exc}")
+        return EXIT_DISAGREES
     return print_engines(folder, engines, chosen, here)
 
 
