@@ -6,7 +6,8 @@ flavour), polygraphy and TensorRT, plus the project's torch-free plumbing (``com
 ``tests/test_architecture.py`` checks this over the whole import graph. Commands: ``python -m export.engine`` and ``python -m export.bench``.
 
 - ``engine``: check, build, validate and time engines from an export folder;
-- ``tensorrt_engine``: the only module that imports TensorRT: engine builds, runners, trtexec lines;
+- ``runtimes``: TensorRT and TensorRT-RTX as data, and the only import of either's bindings;
+- ``tensorrt_engine``: every call into either runtime: parse, build, run, probe; trtexec lines;
 - ``tensorrt_support``: will a graph parse on TensorRT 10.3 / 11.x (facts in ``tensorrt_support.json``);
 - ``compare``: the one comparison of outputs (figures, criteria, batching) every backend shares;
 - ``golden``: golden data on disk; ``environment``: the machine's facts; ``bench``: latency and its gate.

@@ -5,6 +5,8 @@ Copy an export folder (written by ``python -m export.build``) to the target, the
   --backend ort  re-check every ONNX graph of the folder against its golden data on ONNX Runtime (CPU)
   --backend trt  build a TensorRT engine per precision on this machine, check it against the golden data,
                  time it, and add each passing engine, its figures and this machine's facts to the manifest
+  --backend rtx  the same with TensorRT for RTX, whose builder needs no GPU: the engines are built anywhere, and
+                 checked and timed where an RTX-class GPU they target is present (else listed as unchecked)
   --lint         only check every ONNX graph of the folder against what the ONNX parser of TensorRT 10.3 and
                  11.x supports (export.on_target.tensorrt_support; needs neither TensorRT nor a GPU): one line per graph
                  and version; the same check runs before any engine build, for the installed TensorRT
@@ -14,7 +16,8 @@ within the tolerance and identical kept token sets; float16 / INT8 - finite logi
 the float32 PyTorch model of at least the export's minimum on real images (random images are reported, not
 judged); at each batch size of the profile (MIN, OPT, MAX), the golden images split to fit.
 
-Needs numpy, onnx, onnxruntime and (for trt) TensorRT's Python bindings and polygraphy: no torch, no timm
+Needs numpy, onnx, onnxruntime and (for trt) TensorRT's Python bindings and polygraphy, (for rtx) TensorRT-RTX's
+bindings (and polygraphy where an engine runs): no torch, no timm
 (--lint: onnx and numpy only).
 Exit codes: 0 every graph or engine agrees (--lint: every graph is supported); 1 one disagrees (it is reported
 and not published) or a graph would not parse on the TensorRT checked; 2 a user error (missing folder or manifest,
