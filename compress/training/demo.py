@@ -8,6 +8,8 @@ On the demo dataset (scikit-learn digits on a 64x64 canvas, 64 patch tokens) it 
 then writes OUT/results.json and ships the better DynamicViT at ``--ship-keep`` (by test accuracy)
 to ``compress/demo_models/dynamicvit_demo.pth``, the export stage's default model.
 
+``python -m compress.seed_grid`` trains the same runs at several seeds and reports their means with 95 % intervals.
+
 Other stages import the shipped checkpoint's path from ``compress.models.checkpoint.demo_checkpoint_path`` and the
 data from ``compress.data.datasets.demo_dataset``.
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,10 +34,55 @@ from compress.training.train import MODEL_NAME, TrainConfig, train
 
 DESCRIPTION = "The built-in demo model, trained from scratch in one command: base, masked fine-tuning, DynamicViT."
 
-# The recipe of the shipped model (every value is also a flag of this command).
-DEFAULTS = dict(base_epochs=40, base_lr=2e-3, masked_epochs=10, masked_lr=1e-3, mask_ratio_min=0.0, mask_ratio_max=0.75,
-                dynamicvit_epochs=12, dynamicvit_lr=1e-3, dynamicvit_batch_size=32, backbone_lr_scale=0.1, backbone_frozen_epochs=1,
-                ema_decay=0.99, batch_size=64, warmup_epochs=2.0, keeps="0.7", ship_keep=0.7, seed=0)
+
+@dataclass(frozen=True)
+class DemoRecipe:
+    """The training recipe of the shipped model: every value is a flag of ``compress.demo`` (and of
+    ``compress.seed_grid``, which trains the same runs at several seeds). The ``*_run`` methods give each run's
+    ``TrainConfig`` options, less the output folder, the init, the seed and the run-time options."""
+
+    base_epochs: int = 40
+    base_lr: float = 2e-3
+    masked_epochs: int = 10
+    masked_lr: float = 1e-3
+    mask_ratio_min: float = 0.0
+    mask_ratio_max: float = 0.75
+    dynamicvit_epochs: int = 12
+    dynamicvit_lr: float = 1e-3
+    dynamicvit_batch_size: int = 32
+    backbone_lr_scale: float = 0.1
+    backbone_frozen_epochs: int = 1
+    ema_decay: float = 0.99
+    batch_size: int = 64
+    warmup_epochs: float = 2.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DemoRecipe":
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+    def _shared(self) -> dict:
+        return dict(batch_size=self.batch_size, ema_decay=self.ema_decay, warmup_epochs=self.warmup_epochs)
+
+    def base_run(self) -> dict:
+        """The full-image base: plain supervised training from random weights."""
+        return dict(mode="dense", epochs=self.base_epochs, lr=self.base_lr, **self._shared())
+
+    def finetune_run(self, masked: bool = True) -> dict:
+        """Masked fine-tuning of the base, or (``masked`` False) the control: the same epochs with no patch removed."""
+        low, high = (self.mask_ratio_min, self.mask_ratio_max) if masked else (0.0, 0.0)
+        return dict(mode="masked", epochs=self.masked_epochs, lr=self.masked_lr, mask_ratio_min=low, mask_ratio_max=high,
+                    **self._shared())
+
+    def dynamicvit_run(self, keep: float) -> dict:
+        """DynamicViT at ``keep`` (its teacher is the model it starts from)."""
+        return dict(mode="dynamicvit", keep_ratio=keep, epochs=self.dynamicvit_epochs, lr=self.dynamicvit_lr,
+                    backbone_lr_scale=self.backbone_lr_scale, backbone_frozen_epochs=self.backbone_frozen_epochs,
+                    **{**self._shared(), "batch_size": self.dynamicvit_batch_size})
+
+
+DEMO_RECIPE = DemoRecipe()
+# The shipped model's choices besides its training recipe (each also a flag of this command).
+DEFAULTS = dict(keeps="0.7", ship_keep=0.7, seed=0)
 
 
 def demo_loader(split: str = "test", batch_size: int = 64):
@@ -48,20 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     add = parser.add_argument
     add("--out", "-o", default="runs/demo", help="folder of every run (base/, masked/, dynamicvit_<init>_<keep>/)")
-    add("--base-epochs", type=int, default=DEFAULTS["base_epochs"], help="epochs of the full-image base")
-    add("--base-lr", type=float, default=DEFAULTS["base_lr"], help="peak rate of the base")
-    add("--masked-epochs", type=int, default=DEFAULTS["masked_epochs"], help="epochs of masked fine-tuning")
-    add("--masked-lr", type=float, default=DEFAULTS["masked_lr"], help="peak rate of masked fine-tuning")
-    add("--mask-ratio-min", type=float, default=DEFAULTS["mask_ratio_min"], help="mask ratio drawn per batch from [min, max]")
-    add("--mask-ratio-max", type=float, default=DEFAULTS["mask_ratio_max"], help="upper end of the mask ratio")
-    add("--dynamicvit-epochs", type=int, default=DEFAULTS["dynamicvit_epochs"], help="epochs of each DynamicViT run")
-    add("--dynamicvit-lr", type=float, default=DEFAULTS["dynamicvit_lr"], help="predictors' peak rate")
-    add("--dynamicvit-batch-size", type=int, default=DEFAULTS["dynamicvit_batch_size"], help="images per DynamicViT step")
-    add("--backbone-lr-scale", type=float, default=DEFAULTS["backbone_lr_scale"], help="backbone rate / predictors' rate")
-    add("--backbone-frozen-epochs", type=int, default=DEFAULTS["backbone_frozen_epochs"], help="epochs the backbone is still")
-    add("--ema-decay", type=float, default=DEFAULTS["ema_decay"], help="per-step EMA decay (0: off)")
-    add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="images per step of the base and masked runs")
-    add("--warmup-epochs", type=float, default=DEFAULTS["warmup_epochs"], help="warm-up of every run")
+    add_recipe_arguments(parser)
     add("--keeps", default=DEFAULTS["keeps"], help="comma-separated keep ratios to train DynamicViT at (e.g. 0.9,0.7,0.5,0.3)")
     add("--ship-keep", type=float, default=DEFAULTS["ship_keep"], help="keep ratio of the shipped model (must be in --keeps)")
     add("--ship", default=str(demo_checkpoint_path()), help="where the chosen DynamicViT is written ('' : nowhere)")
@@ -73,6 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice; 1 on a machine other jobs share)")
     return parser
+
+
+def add_recipe_arguments(parser) -> None:
+    """The ``DemoRecipe`` flags with the shipped model's values as defaults, on a parser or an argument group."""
+    recipe, add = DEMO_RECIPE, parser.add_argument
+    add("--base-epochs", type=int, default=recipe.base_epochs, help="epochs of the full-image base")
+    add("--base-lr", type=float, default=recipe.base_lr, help="peak rate of the base")
+    add("--masked-epochs", type=int, default=recipe.masked_epochs, help="epochs of masked fine-tuning")
+    add("--masked-lr", type=float, default=recipe.masked_lr, help="peak rate of masked fine-tuning")
+    add("--mask-ratio-min", type=float, default=recipe.mask_ratio_min, help="mask ratio drawn per batch from [min, max]")
+    add("--mask-ratio-max", type=float, default=recipe.mask_ratio_max, help="upper end of the mask ratio")
+    add("--dynamicvit-epochs", type=int, default=recipe.dynamicvit_epochs, help="epochs of each DynamicViT run")
+    add("--dynamicvit-lr", type=float, default=recipe.dynamicvit_lr, help="predictors' peak rate")
+    add("--dynamicvit-batch-size", type=int, default=recipe.dynamicvit_batch_size, help="images per DynamicViT step")
+    add("--backbone-lr-scale", type=float, default=recipe.backbone_lr_scale, help="backbone rate / predictors' rate")
+    add("--backbone-frozen-epochs", type=int, default=recipe.backbone_frozen_epochs, help="epochs the backbone is still")
+    add("--ema-decay", type=float, default=recipe.ema_decay, help="per-step EMA decay (0: off)")
+    add("--batch-size", type=int, default=recipe.batch_size, help="images per step of the base and masked runs")
+    add("--warmup-epochs", type=float, default=recipe.warmup_epochs, help="warm-up of every run")
 
 
 def _run(name: str, out: Path, reuse: bool, **options) -> dict:
@@ -95,26 +149,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ship and args.ship_keep not in keeps:
         raise PipelineError(f"--ship-keep {args.ship_keep} is not one of --keeps {keeps}")
     out = Path(args.out)
-    common = dict(seed=args.seed, device=args.device, threads=args.threads, batch_size=args.batch_size, ema_decay=args.ema_decay,
-                  warmup_epochs=args.warmup_epochs)
+    recipe = DemoRecipe.from_args(args)
+    common = dict(seed=args.seed, device=args.device, threads=args.threads)
     started = time.time()
     results = {"recipe": vars(args), "runs": {}}
     runs = results["runs"]
-    runs["base"] = _run("base", out, args.reuse, mode="dense", epochs=args.base_epochs, lr=args.base_lr, **common)
-    runs["masked"] = _run("masked", out, args.reuse, mode="masked", init=runs["base"]["model"], epochs=args.masked_epochs,
-                          lr=args.masked_lr, mask_ratio_min=args.mask_ratio_min, mask_ratio_max=args.mask_ratio_max, **common)
+    runs["base"] = _run("base", out, args.reuse, **recipe.base_run(), **common)
+    runs["masked"] = _run("masked", out, args.reuse, init=runs["base"]["model"], **recipe.finetune_run(masked=True),
+                          **common)
     inits = ("base", "masked")
     if args.control:
-        runs["finetuned"] = _run("finetuned", out, args.reuse, mode="masked", init=runs["base"]["model"],
-                                 epochs=args.masked_epochs, lr=args.masked_lr, mask_ratio_min=0.0, mask_ratio_max=0.0,
-                                 **common)
+        runs["finetuned"] = _run("finetuned", out, args.reuse, init=runs["base"]["model"],
+                                 **recipe.finetune_run(masked=False), **common)
         inits += ("finetuned",)
     for keep in keeps:
         for init in inits:
-            runs[f"dynamicvit_{init}_{keep}"] = _run(
-                f"dynamicvit_{init}_{keep}", out, args.reuse, mode="dynamicvit", init=runs[init]["model"], keep_ratio=keep,
-                epochs=args.dynamicvit_epochs, lr=args.dynamicvit_lr, backbone_lr_scale=args.backbone_lr_scale,
-                backbone_frozen_epochs=args.backbone_frozen_epochs, **{**common, "batch_size": args.dynamicvit_batch_size})
+            name = f"dynamicvit_{init}_{keep}"
+            runs[name] = _run(name, out, args.reuse, init=runs[init]["model"], **recipe.dynamicvit_run(keep), **common)
     results["seconds"] = round(time.time() - started, 1)
     print(f"[demo] base top1 {runs['base']['top1']:.2f}  masked top1 {runs['masked']['top1']:.2f}", file=sys.stderr)
     for keep in keeps:
