@@ -209,3 +209,23 @@ def test_the_fixed_stride_method_of_the_test_tree_parses_and_builds(tmp_path):
             verdict = probe_graph(TENSORRT_RTX, path, {}, dynamic_dims=(1, 2, 4))
             assert verdict["parsed"] and verdict["built"] and verdict["layers"] > 100, verdict
     assert torch.is_tensor(model.cls_token)
+
+
+RTX_CANNOT_RUN = None
+if RTX_MISSING is None:
+    from export.on_target.environment import run_unavailable_reason
+
+    RTX_CANNOT_RUN = run_unavailable_reason(TENSORRT_RTX)
+
+
+@NEEDS_RTX
+@pytest.mark.skipif(RTX_CANNOT_RUN is not None, reason=f"TensorRT-RTX engines cannot run here: {RTX_CANNOT_RUN}")
+def test_rtx_engines_agree_with_the_golden_data_and_are_timed_on_an_rtx_gpu(rtx_export, tmp_path):
+    folder = tmp_path / "on_gpu"
+    shutil.copytree(rtx_export[0], folder)
+    done = run_in_process("export.engine", folder, "--backend", "rtx", "--no-build", "-n", "5", "--warmup", "2")
+    assert done.returncode == 0 and "PASSED: 2 engine(s)" in done.stdout, done.stdout + done.stderr
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for key in ("fp32.rtx", "fp16.rtx"):
+        facts = manifest["engines"][key]
+        assert facts["passed"] is True and facts["comparisons"] and facts["timing"]["1"]["device_ms"]["median"] > 0
