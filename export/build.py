@@ -19,7 +19,7 @@ from export.methods import DynamicViTOptions, MethodOptions
 from export.onnx_export import MIN_OPSET
 from export.selection import SELECTION_FLAVOURS
 from export.on_target.compare import RANDOM_INPUTS
-from export.on_target.runtimes import parse_compute_capabilities, runtime_named
+from export.on_target.runtimes import add_compute_capabilities_argument, runtime_named
 from export.on_target.tensorrt_support import SUPPORT_TABLES
 from export.tome_export import ToMeOptions
 
@@ -83,16 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "class GPU they target is present; not the plugin or ToMe scatter flavour); ort, none "
                              "(ONNX only); auto: trt where TensorRT and a GPU are present, else rtx where TensorRT-RTX "
                              "is installed and takes the flavour, else none")
-    parser.add_argument("--compute-capabilities", type=parse_compute_capabilities, default="default",
-                        metavar="LIST",
-                        help="the GPUs TensorRT-RTX engines target: 'default' (8.0, 8.6, 8.9, 12.0 and later) or a "
-                             "comma list of 7.5, 8.0, 8.6, 8.9, 12.0, 12.1")
+    add_compute_capabilities_argument(parser)
     parser.add_argument("--trt-version", choices=(*SUPPORT_TABLES, "both"), default="both",
                         help="TensorRT version(s) every graph must parse on, checked from the graph alone before "
                              "publishing (10.3: every 10.x, JetPack 6; 11: every 11.x; rtx: TensorRT-RTX 1.x); a "
-                             "problem on another version "
-                             "only is a warning in the summary; when engines are built here the installed TensorRT is "
-                             "a target too")
+                             "problem on another version only is a warning in the summary; when engines are built "
+                             "here the runtime that builds them is a target too")
     parser.add_argument("--out", "-o", type=Path, default=None,
                         help="output folder (default: exports/<model>_keep<rho>_<precision>, or _r<r>_ for ToMe)")
     tome = parser.add_argument_group("token merging (ToMe) instead of DynamicViT pruning")

@@ -41,13 +41,13 @@ import trt_plugins
 from compress.plumbing.cli import add_version_argument, bounded, parser_from_docstring
 from compress.plumbing.errors import PipelineError
 from compress.plumbing.files import atomic_write
-from compress.plumbing.folder_transaction import folder_transaction
+from compress.plumbing.folder_transaction import folder_transaction, recovered
 from export.on_target.compare import (ENGINE_FLOAT32_MAX_ABS_ERROR, FLOAT32_MAX_ABS_ERROR, RANDOM_INPUTS,
                                       REDUCED_PRECISION_MIN_TOP1_AGREEMENT, Comparison, Runner, compare, onnxruntime_session,
                                       run_batched, session_runner)
 from export.on_target.environment import (build_unavailable_reason, run_unavailable_reason, target_facts,
                                           tensorrt_unavailable_reason)
-from export.on_target.runtimes import (RTX_DEFAULT_TARGETS, RUNTIMES, TENSORRT, Runtime, parse_compute_capabilities,
+from export.on_target.runtimes import (RTX_DEFAULT_TARGETS, RUNTIMES, TENSORRT, Runtime, add_compute_capabilities_argument,
                                        runtime_named, runtime_version)
 from export.on_target.golden import GoldenSet, debug_role, load_golden, sha256_of, verified_path
 from export.on_target.tensorrt_engine import (TensorRTError, TensorRTRunner, build_engine, flavour_refusal,
@@ -85,7 +85,7 @@ class UnsupportedGraph(PipelineError):
 
 
 def read_manifest(folder: Path) -> dict:
-    folder = Path(folder)
+    folder = recovered(folder)  # a two-rename swap killed between its renames left no folder: put the old one back
     if not folder.exists():
         raise ExportFolderError(f"export folder not found: {folder}")
     if not folder.is_dir():
@@ -379,10 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(on any machine, GPU or not), and check and time them where an RTX-class GPU they target "
                              "is present; ort: check the ONNX graphs on ONNX Runtime (default: trt where TensorRT and a "
                              f"GPU are present, else ort; here: {default_backend})")
-    parser.add_argument("--compute-capabilities", type=parse_compute_capabilities, default="default",
-                        metavar="LIST",
-                        help="with rtx: the GPUs the engines target, 'default' (8.0, 8.6, 8.9, 12.0 and later) or a "
-                             "comma list of 7.5, 8.0, 8.6, 8.9, 12.0, 12.1 (default: default)")
+    add_compute_capabilities_argument(parser, "with rtx: ")
     parser.add_argument("--no-build", action="store_true",
                         help="with trt or rtx: check and time the engines of that runtime the manifest already lists "
                              "instead of building; an engine built by another version or for another GPU is refused "

@@ -142,3 +142,10 @@ def parse_compute_capabilities(text: str) -> tuple[str, ...]:
         raise PipelineError(f"compute capabilities must be 'default' or a comma list of "
                             f"{', '.join(RTX_COMPUTE_CAPABILITIES)}; got {text!r}")
     return values
+
+
+def add_compute_capabilities_argument(parser, prefix: str = "") -> None:
+    """``--compute-capabilities``: the GPUs TensorRT-RTX engines target (export.build and export.engine alike)."""
+    parser.add_argument("--compute-capabilities", type=parse_compute_capabilities, default="default", metavar="LIST",
+                        help=f"{prefix}the GPUs TensorRT-RTX engines target: 'default' (8.0, 8.6, 8.9, 12.0 and "
+                             f"later) or a comma list of {', '.join(RTX_COMPUTE_CAPABILITIES)} (default: default)")
