@@ -21,6 +21,7 @@ from onnx import TensorProto, defs, helper, numpy_helper
 
 import trt_plugins
 from conftest import torch_free_env
+from export.on_target.runtimes import TENSORRT_RTX, import_bindings
 from export.on_target.tensorrt_support import (BOTH_TABLES, GRAPH_RULE_CHECKS, RULE_CHECKS, SUPPORT_TABLES, SupportDataError,
                                                rule_source, support_data, support_table, target_tables, tensorrt_support)
 
@@ -342,6 +343,23 @@ def test_every_graph_the_tool_exports_parses_on_both_versions(exported_graphs):
     seen = {n.op_type for model in exported_graphs.values() for n in model.graph.node}
     assert {"TokenGather", "ScatterElements", "QuantizeLinear", "DequantizeLinear", "BatchNormalization"} <= seen
     assert len(exported_graphs) == 7 + 4 + 7
+
+
+@pytest.mark.skipif(import_bindings(TENSORRT_RTX) is None, reason="TensorRT-RTX is not installed (pip install -e '.[rtx]')")
+def test_the_rtx_table_takes_exactly_the_exported_graphs_tensorrt_rtx_parses_and_builds(exported_graphs, tmp_path):
+    """Every graph the export contracts write goes through TensorRT-RTX's real parser and CPU build (in child
+    processes: its parser ends the process on a plugin node once the plugin is registered) and through the rtx
+    table: the same verdict for each. Both refuse the plugin flavour and ToMe's scatter flavour."""
+    from export.on_target.parser_agreement import parser_outcome, probe_corpus
+
+    paths = {}
+    for name, model in exported_graphs.items():
+        paths[name] = tmp_path / f"{name.replace(' ', '_')}.onnx"
+        onnx.save(model, str(paths[name]))
+    parsed = probe_corpus(paths, "rtx", tmp_path, jobs=2, timeout=300, progress=lambda line: None)
+    built = {name for name, record in parsed.items() if parser_outcome(record) == "builds"}
+    assert {name for name, model in exported_graphs.items() if not tensorrt_support(model, "rtx")} == built
+    assert set(exported_graphs) - built == {name for name in exported_graphs if " plugin " in name or " scatter " in name}
 
 
 @pytest.fixture(scope="module")
