@@ -41,6 +41,8 @@ import onnx
 
 from compress.plumbing.cli import HelpFormatter, exit_codes_epilog, exit_from_cli
 from compress.plumbing.errors import PipelineError
+from export.on_target.runtimes import RUNTIMES, require_bindings, runtime, runtime_version
+from export.on_target.tensorrt_engine import plan_engine, probe_graph
 from export.on_target.tensorrt_support import SUPPORT_TABLES, Problem, check_graph, iter_graphs, support_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,9 +178,6 @@ class ParserWorker:
 def worker_loop(runtime_key: str) -> int:
     """The child's side: one JSON request per stdin line, one JSON result per stdout line. Whatever the runtime
     itself prints goes to stderr, so stdout carries the results only."""
-    from export.on_target.runtimes import require_bindings, runtime, runtime_version
-    from export.on_target.tensorrt_engine import plan_engine, probe_graph
-
     results = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     chosen = runtime(runtime_key)
@@ -344,8 +343,6 @@ def disagreement_lines(found: list[Disagreement], examples: int = 3) -> list[str
 def against_parser(corpora: Sequence[Path], out: Path, runtime_key: str | None, jobs: int, timeout: float,
                    tables: Sequence[str] = SUPPORT_TABLES, progress=print) -> dict:
     """Run the corpus through the check and the parser, write ``out/agreement.json``, return what it holds."""
-    from export.on_target.runtimes import RUNTIMES, runtime_version
-
     chosen = RUNTIMES[runtime_key] if runtime_key else next(
         (r for r in (RUNTIMES["rtx"], RUNTIMES["trt"]) if runtime_version(r)), None)
     if chosen is None or runtime_version(chosen) is None:
