@@ -5,7 +5,7 @@ included) against what the ONNX parser of that TensorRT release accepts; an empt
 in the way. The facts are data, not code: ``tensorrt_support.json`` beside this module transcribes, per operator and
 release, the parser's support matrix (onnx-tensorrt ``docs/operators.md``: supported or not, the supported types,
 the restrictions as written) and the rules checked here, each with its source (the matrix of the release, the
-parser's changelog, TensorRT's layer and plugin documentation). The ``rtx`` table (TensorRT-RTX) is measured: its
+parser's changelog, the importer source of the release, TensorRT's layer and plugin documentation). The ``rtx`` table (TensorRT-RTX) is measured: its
 facts come from running TensorRT-RTX 1.7.1's own parser and CPU-only builder and from NVIDIA's TensorRT-RTX
 documentation. What a node is checked for:
 
@@ -16,10 +16,13 @@ documentation. What a node is checked for:
 - the rules of the row: inputs that must be initializers or build-time constants (a value that constant folding
   reaches counts: a K from a Constant, an axis through Cast/Unsqueeze, a Shape of a static tensor), attribute
   values, outputs that must stay unused, Q/DQ scales and zero points, ScatterElements reductions (TensorRT's
-  plugin), value limits (TopK's K up to 3840);
-- the graph's opset is in the range the release documents, and its inputs and outputs have network types.
+  plugin), value limits (TopK's K up to 3840), ranks and shapes the importers cannot handle;
+- the graph's opset is in the range the release documents, and its inputs and outputs are tensors of network
+  types; no float network input reaches an input the parser computes a shape from.
 
 Needs onnx and numpy only (it runs on the target before any engine is built): no torch, no TensorRT.
+``python -m export.on_target.tensorrt_support --against-parser CORPUS`` compares the check with a real parser
+(``export.on_target.parser_agreement``).
 """
 from __future__ import annotations
 
