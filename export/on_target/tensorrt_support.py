@@ -84,9 +84,8 @@ def support_table(version: str) -> str:
     TensorRT-RTX's '1.7.1.116' -> 'rtx'.
 
     Every 10.x is checked against the 10.3 table and every 11.x against the 11 table (later releases of a major
-    only add support, by the parser's changelog). TensorRT-RTX numbers its releases 1.x, a major no TensorRT this
-    project takes has (TensorRT 8 is the oldest with a 1-digit major), so a 1.x version is TensorRT-RTX's. Other
-    majors are refused.
+    only add support, by the parser's changelog). TensorRT-RTX numbers its releases 1.x, and this project takes
+    TensorRT 10 or later only, so a 1.x version is TensorRT-RTX's. Other majors are refused.
     """
     text = str(version).strip()
     if text in SUPPORT_TABLES:
