@@ -393,10 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: off)")
     parser.add_argument("--trt-version", choices=(*SUPPORT_TABLES, "both"), default="both",
                         help="with --lint: the TensorRT version(s) to check against (10.3: every 10.x, JetPack 6; "
-                             "11: every 11.x)")
+                             "11: every 11.x; rtx: TensorRT-RTX 1.x; both: 10.3 and 11)")
     parser.add_argument("--no-lint", action="store_true",
-                        help="with trt: build without the parser-support check first (default: check the graphs "
-                             "against the installed TensorRT and stop before its parser when one is not supported)")
+                        help="with trt or rtx: build without the parser-support check first (default: check the "
+                             "graphs against the runtime's table and stop before its parser when one is not supported)")
     parser.add_argument("--timing-cache-dir", type=Path, default=None,
                         help="folder of the TensorRT timing caches, one per TensorRT version and GPU "
                              "(default: the export folder's parent)")
