@@ -8,9 +8,10 @@ whole, at every instant and after a kill at any point (torch-free: the target-si
    the folder and the holder's pid, which the lock file holds); it does not wait, so a CI matrix or a shell loop
    finds out straight away instead of hanging. The kernel drops a flock with its process, so a lock left by a
    killed writer never blocks. Readers take no lock: what they read is never half-written.
-2. **Recovery** of what a killed writer left (only a writer recovers: it holds the lock, so nothing it finds
-   is in use): ``.<name>.staging`` is removed; ``.<name>.old`` (the fallback swap killed between its two
-   renames, ``<name>`` missing) is renamed back to ``<name>``, else removed.
+2. **Recovery** of what a killed writer left, under the lock (so nothing it finds is in use):
+   ``.<name>.staging`` is removed; ``.<name>.old`` (the fallback swap killed between its two renames,
+   ``<name>`` missing) is renamed back to ``<name>``, else removed. Every writer recovers first; a reader calls
+   ``recovered(folder)``, which acts only in the one state a reader cannot read (``<name>`` missing).
 3. **Staging.** ``.<name>.staging`` beside the folder: empty (a new export), or a hard-linked copy of the current
    folder (an update). The body writes the whole new folder there.
 4. **Swap.** On a clean exit the files are flushed to disk and the staging folder takes the folder's place in
@@ -29,6 +30,7 @@ import fcntl
 import logging
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -157,6 +159,25 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def recovered(folder: str | os.PathLike) -> Path:
+    """``folder`` for a reader: where a two-rename swap was killed between its renames (no folder, ``.<name>.old``
+    beside it), the old folder is first put back under the lock. A live writer in that gap is waited for (it lasts
+    two renames). Costs two stats when there is nothing to recover; returns ``folder``."""
+    real = Path(os.path.realpath(folder))
+    for _ in range(100):
+        if real.exists() or not old_path(real).is_dir():
+            break
+        try:
+            with folder_lock(real, "a reader putting back an interrupted swap"):
+                for note in recover(real):
+                    log.warning("note: %s", note)
+        except FolderBusy:
+            time.sleep(0.05)
+        except OutputError:
+            break  # cannot write beside it: the reader reports the folder as it finds it
+    return Path(folder)
+
+
 # --- staging --------------------------------------------------------------------------------------------------------
 
 
@@ -273,9 +294,10 @@ def folder_transaction(folder: str | os.PathLike, owner: str, from_current: bool
     """Lock ``folder``, recover what a killed writer left, yield a staging folder, and swap it in on a clean exit.
 
     ``owner``: the command, named in the lock file (a refused writer's message shows it). ``from_current``: the
-    staging folder starts as a hard-linked copy of the folder (an update) instead of empty (a rewrite). Raises
-    FolderBusy when another process writes the folder, OutputError when it cannot be written. See the module
-    docstring for the promises.
+    staging folder starts as a hard-linked copy of the folder (an update) instead of empty (a rewrite): its files
+    are then the live folder's, so the body must replace a file (``atomic_write``, or unlink and create), never
+    write into one. Raises FolderBusy when another process writes the folder, OutputError when it cannot be
+    written. See the module docstring for the promises.
     """
     folder = Path(os.path.realpath(folder))  # through a symlink: the folder it names is the one replaced
     check_replaceable(folder)
