@@ -277,6 +277,13 @@ def swap_in(staging: Path, folder: Path) -> None:
     fsync(folder.parent)  # the renames themselves reach the disk
 
 
+def name_the_folder(error: BaseException, staging: Path, folder: str) -> None:
+    """A user error raised on a file of the staging folder names the file in the folder the user gave instead: the
+    staging folder is gone by the time the message is read. (``args`` is what ``str(error)`` shows.)"""
+    if isinstance(error, PipelineError):
+        error.args = tuple(a.replace(str(staging), folder) if isinstance(a, str) else a for a in error.args)
+
+
 # --- the transaction ------------------------------------------------------------------------------------------------
 
 
@@ -299,6 +306,7 @@ def folder_transaction(folder: str | os.PathLike, owner: str, from_current: bool
     write into one. Raises FolderBusy when another process writes the folder, OutputError when it cannot be
     written. See the module docstring for the promises.
     """
+    given = str(folder)
     folder = Path(os.path.realpath(folder))  # through a symlink: the folder it names is the one replaced
     check_replaceable(folder)
     with folder_lock(folder, owner):
@@ -311,6 +319,7 @@ def folder_transaction(folder: str | os.PathLike, owner: str, from_current: bool
             with one_line_errors("replace", folder):
                 flush_to_disk(staging)
                 swap_in(staging, folder)
-        except BaseException:
+        except BaseException as error:
             remove(staging)
+            name_the_folder(error, staging, given)
             raise
