@@ -134,7 +134,12 @@ def test_build_writes_manifest_and_reexport_hashes_match(tmp_path, tiny_checkpoi
         result = run_build("--checkpoint", tiny_checkpoint, "--keep", "0.6", "--fp16", "--dynamic-batch", "1,2,4", "--out", out)
         assert result.returncode == 0, result.stderr
     first, second = manifest_of(a), manifest_of(b)
-    assert [x["sha256"] for x in first["artifacts"]] == [x["sha256"] for x in second["artifacts"]]
+    # Every graph, debug twin, the golden data and trtexec.txt are byte-identical on re-export. Engines are not: a
+    # TensorRT-RTX engine (built here whenever the runtime is installed) differs between two builds of one graph.
+    def reproducible(manifest):
+        return [(x["path"], x["sha256"]) for x in manifest["artifacts"] if x["role"] != "engine"]
+
+    assert reproducible(first) == reproducible(second) and len(reproducible(first)) == 6
     assert first["keep_ratio"] == 0.6 and first["tokens"]["kept_per_stage"] == [117, 70, 42]
     assert first["batch"] == {"dynamic": True, "min": 1, "opt": 2, "max": 4}
     assert first["input"]["shape"] == ["batch", 3, 224, 224]
