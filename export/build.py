@@ -224,6 +224,9 @@ def summary_lines(result: ExportResult) -> list[str]:
                  f"manifest {out / 'manifest.json'}")
     lines.append(f"next, on the target: copy {out}/ and run `python -m export.engine {out}` "
                  f"(TensorRT engine, checked against the golden data; trtexec lines in {out}/trtexec.txt)")
+    if (manifest.get("engine") or {}).get("runtime") == "TensorRT-RTX":
+        lines.append(f"on an RTX GPU (compute capability 8.0, 8.6, 8.9, 12.0+): `python -m export.engine {out} "
+                     "--backend rtx --no-build` checks and times the TensorRT-RTX engines built here")
     return lines
 
 
