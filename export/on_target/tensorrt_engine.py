@@ -18,7 +18,7 @@ attention softmax, the prediction modules whose scores choose the tokens - stay 
 explicit Q/DQ ONNX (the guide: "use explicit quantization with strong typing; precision-control build flags are
 not required and should not be specified"). No precision builder flag is ever set.
 
-TF32 is off for every engine: polygraphy's CreateConfig clears it by default and we keep that on purpose. The
+TF32 is off for every engine: the builder config turns it on by default and ``build_serialized`` clears it. The
 float32 engine is the bit-faithful deployment and the float32 islands of the mixed graphs exist to keep full
 precision where token choice is decided; TF32 (10-bit mantissa) in their matrix products would undo both. The
 float32 engine is therefore held to ``ENGINE_FLOAT32_MAX_ABS_ERROR`` (see export.on_target.compare).
@@ -30,7 +30,7 @@ import hashlib
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -290,7 +290,8 @@ def parse_onnx(chosen: Runtime, onnx_path: Path, network_flags: Sequence[str] = 
 
 def build_serialized(parsed: ParsedNetwork, plan: EnginePlan, profiles: Sequence[dict[str, tuple]],
                      timing_cache: Path | None = None) -> bytes:
-    """Build a parsed network as ``plan`` says; ``profiles``: [{input name: (min, opt, max) shapes}, ...].
+    """Build a parsed network as ``plan`` says; ``profiles``: [{input name: (min, opt, max)}, ...], shapes for an
+    execution input and values for a shape-tensor input (one the network computes shapes from).
 
     TF32 is cleared (the default turns it on); an RTX plan sets its compute capabilities unless it targets the
     runtime's defaults; the timing cache is read and written only where the runtime takes one.
@@ -305,10 +306,12 @@ def build_serialized(parsed: ParsedNetwork, plan: EnginePlan, profiles: Sequence
         config.num_compute_capabilities = len(plan.compute_capabilities)
         for index, capability in enumerate(plan.compute_capabilities):
             config.set_compute_capability(getattr(trt.ComputeCapability, RTX_COMPUTE_CAPABILITIES[capability]), index)
+    shape_tensors = {parsed.network.get_input(i).name for i in range(parsed.network.num_inputs)
+                     if parsed.network.get_input(i).is_shape_tensor}
     for shapes in profiles:
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
-            profile.set_shape(name, low, opt, high)
+            (profile.set_shape_input if name in shape_tensors else profile.set_shape)(name, low, opt, high)
         config.add_optimization_profile(profile)
     cache = None
     if timing_cache is not None and runtime(plan.runtime).timing_cache:
@@ -506,10 +509,8 @@ def probe_graph(chosen: Runtime, onnx_path: Path, values: dict[str, np.ndarray],
         parsed = parse_onnx(chosen, onnx_path, network_flags)
     except TensorRTError as exc:
         return {**result, "parse_error": str(exc), "seconds": round(time.perf_counter() - started, 3)}
-    network, builder = parsed.network, parsed.builder
-    config = builder.create_builder_config()
-    profile = builder.create_optimization_profile()
-    profiled = False
+    network = parsed.network
+    profile = {}
     for index in range(network.num_inputs):
         tensor = network.get_input(index)
         value = values.get(tensor.name)
@@ -517,20 +518,16 @@ def probe_graph(chosen: Runtime, onnx_path: Path, values: dict[str, np.ndarray],
         if tensor.is_shape_tensor:
             entries = int(np.prod(shape)) if -1 not in shape else (value.size if value is not None else 1)
             content = [int(v) for v in np.asarray(value).reshape(-1)] if value is not None else [1] * entries
-            profile.set_shape_input(tensor.name, content, content, content)
-            profiled = True
-        if -1 in shape:
+            profile[tensor.name] = (content, content, content)
+        elif -1 in shape:
             exact = tuple(np.shape(value)) if value is not None and np.ndim(value) == len(shape) else None
-            low, opt, high = ((exact,) * 3 if exact else
-                              tuple(tuple(d if d != -1 else pick for d in shape) for pick in dynamic_dims))
-            profile.set_shape(tensor.name, low, opt, high)
-            profiled = True
-    if profiled:
-        config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    result.update(parsed=True, layers=parsed.num_layers, built=serialized is not None)
-    if serialized is None:
-        result["build_error"] = parsed.logger.errors[-1][:300] if parsed.logger.errors else "no error recorded"
-    else:
-        result["bytes"] = int(serialized.nbytes)
+            profile[tensor.name] = ((exact,) * 3 if exact else
+                                    tuple(tuple(d if d != -1 else pick for d in shape) for pick in dynamic_dims))
+    plan = replace(plan_engine(str(parsed.bindings.__version__), "fp32", chosen=chosen), network_flags=tuple(network_flags))
+    result.update(parsed=True, layers=parsed.num_layers)
+    try:
+        result.update(built=True, bytes=len(build_serialized(parsed, plan, [profile] if profile else [])))
+    except TensorRTError:
+        result.update(built=False, build_error=parsed.logger.errors[-1][:300] if parsed.logger.errors
+                      else "no error recorded")
     return {**result, "seconds": round(time.perf_counter() - started, 3)}
