@@ -371,8 +371,8 @@ def export_model(request: ExportRequest, progress: Progress = lambda text: None)
         manifest = build_manifest(request, subject, method, tocom, graphs, artifacts, input_sources)
         manifest.artifacts.append(write_trtexec(staging, manifest.to_dict()))
         manifest = tensorrt_support_step(request, staging, manifest, progress)
-        manifest = real_parser_step(request, staging, manifest, progress)
         manifest = engine_step(request, staging, manifest, progress)
+        manifest = real_parser_step(request, staging, manifest, progress)  # after: reuses its TensorRT-RTX builds
         manifest.build_seconds = round(time.perf_counter() - started, 2)
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         untouched = carry_over_user_files(out, staging, previous)
@@ -402,21 +402,29 @@ def tensorrt_support_step(request: ExportRequest, staging: Path, manifest: Manif
 def real_parser_step(request: ExportRequest, staging: Path, manifest: Manifest, progress: Progress) -> Manifest:
     """Where TensorRT-RTX is installed, whatever the target: every graph through its real ONNX parser and its
     CPU-only builder (in memory), the verdict per graph in the manifest beside the table check. Graphs with
-    TokenGather nodes are not handed to it (its parser aborts the process on them): they are recorded as refused."""
+    TokenGather nodes are not handed to it (its parser aborts the process on them): they are recorded as refused.
+    A graph the engine step already built a TensorRT-RTX engine from is not built again: that build is its verdict."""
     version = runtime_version(TENSORRT_RTX)
     if version is None:
         return replace(manifest, real_parser={"runtime": TENSORRT_RTX.name, "ran": False,
                                               "reason": f"{TENSORRT_RTX.name} is not installed"})
     graphs = [a["path"] for a in manifest.artifacts if a["role"].startswith("onnx")]
-    progress(f"parsing and building every graph with {TENSORRT_RTX.name} {version} on the CPU ({len(graphs)} graphs)")
+    verdicts = {facts["built_from"]: {"parsed": True, "parse_error": None, "built": True, "build_error": None,
+                                      "layers": facts["layers"], "bytes": facts["bytes"],
+                                      "seconds": facts["build_seconds"], "engine": facts["path"]}
+                for facts in manifest.engines.values() if facts.get("runtime") == TENSORRT_RTX.name}
+    progress(f"parsing and building every graph with {TENSORRT_RTX.name} {version} on the CPU "
+             f"({len(graphs) - len(verdicts)} graphs; {len(verdicts)} built as engines already)")
     dynamic_batch = tuple(manifest.batch[k] for k in ("min", "opt", "max"))
-    verdicts = {}
     for graph in graphs:
+        if graph in verdicts:
+            continue
         if has_token_gather(staging / graph):
             verdicts[graph] = {"parsed": False, "built": False, "parse_error": "not parsed: a TokenGather node aborts "
                                f"the {TENSORRT_RTX.name} parser (no plugin layer)"}
         else:
             verdicts[graph] = probe_graph(TENSORRT_RTX, staging / graph, {}, dynamic_dims=dynamic_batch)
+    verdicts = {graph: verdicts[graph] for graph in graphs}  # in the manifest's order
     return replace(manifest, real_parser={"runtime": TENSORRT_RTX.name, "version": version, "ran": True,
                                           "all_built": all(v["built"] for v in verdicts.values()), "graphs": verdicts})
 
