@@ -281,8 +281,7 @@ def build_and_check(export_dir: Path, manifest: dict, golden: dict[str, GoldenSe
         raise TensorRTError(too_old)
     if lint:
         require_supported(list(graphs.values()), version if chosen is TENSORRT else chosen.key)
-    targets = tuple(compute_capabilities) if chosen is not TENSORRT else ()
-    cannot_run = run_unavailable_reason(chosen, targets) if targets else run_unavailable_reason(chosen)
+    cannot_run = run_unavailable_reason(chosen, tuple(compute_capabilities))  # the targets matter for RTX only
     if cannot_run is None and golden is None:
         golden = load_golden(folder, manifest)
     cache = timing_cache_path(timing_cache_dir or folder.parent, here)
